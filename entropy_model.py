@@ -1,0 +1,75 @@
+"""The entropy model (paper section 2.3): a small causal byte-level language model p_e.
+
+It is trained on the same bytes as BLT, separately, then frozen. Its only job in BLT is to say how unsure it
+is about the next byte:
+
+    H(x_i) = - sum_{v in V} p_e(x_i = v | x_<i) * log p_e(x_i = v | x_<i)          (paper eq. 3)
+
+in nats, over all 260 ids. A patch starts where this entropy is high (patching.py). Entropy at position j is
+computed from bytes <= j and predicts byte j+1, so patch boundaries never depend on future bytes.
+
+The architecture is the same Llama-style stack as the rest of BLT (layers.py) with an optional sliding
+window: the paper's entropy model has 100M parameters, 14 layers, width 512 and a 512-byte window; paper
+figure 8 shows that much smaller models with short context still patch sensibly, which is what the CPU
+presets use.
+
+Shapes: B = batch, T = bytes, D = width, V = 260.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from layers import KVCache, RMSNorm, TransformerBlock, causal_mask, rope_cos_sin, swiglu_hidden_dim
+from patching import VOCAB_SIZE
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy in nats of softmax(logits) over the last axis. (..., V) -> (...)."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+class EntropyModel(nn.Module):
+    """Causal byte LM. forward(tokens) -> logits (B, T, V); entropies(tokens) -> (B, T) nats."""
+
+    def __init__(self, dim: int, n_layers: int, n_heads: int, window: int | None = None,
+                 rope_theta: float = 10000.0, multiple_of: int = 256, eps: float = 1e-5):
+        super().__init__()
+        self.window, self.rope_theta, self.head_dim = window, rope_theta, dim // n_heads
+        self.tok_embeddings = nn.Embedding(VOCAB_SIZE, dim)
+        hidden = swiglu_hidden_dim(dim, multiple_of)
+        self.layers = nn.ModuleList(TransformerBlock(dim, n_heads, hidden, eps) for _ in range(n_layers))
+        self.norm = RMSNorm(dim, eps)
+        self.output = nn.Linear(dim, VOCAB_SIZE, bias=False)
+
+    @classmethod
+    def from_config(cls, cfg) -> "EntropyModel":
+        return cls(cfg.entropy_dim, cfg.entropy_layers, cfg.entropy_heads, cfg.entropy_window,
+                   cfg.entropy_rope_theta, cfg.multiple_of, cfg.norm_eps)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
+                caches: list[KVCache] | None = None, start_pos: int = 0):
+        """tokens: (B, T) ids -> logits (B, T, V), plus the mean cross-entropy if targets (B, T) are given.
+
+        With caches (one KVCache per layer), tokens are the next T positions after start_pos cached ones.
+        """
+        B, T = tokens.shape
+        pos = torch.arange(start_pos, start_pos + T, device=tokens.device)  # (T,)
+        cos, sin = rope_cos_sin(pos, self.head_dim, self.rope_theta)  # (T, Dh)
+        mask = None if caches else causal_mask(pos, pos, self.window)  # (1, 1, T, T)
+        h = self.tok_embeddings(tokens)  # (B, T, D)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, mask, cos, sin, caches[i] if caches else None, pos)
+        logits = self.output(self.norm(h))  # (B, T, V)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, VOCAB_SIZE), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def new_caches(self) -> list[KVCache]:
+        return [KVCache(self.window) for _ in self.layers]
+
+    @torch.no_grad()
+    def entropies(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T) next-byte entropies in nats: entry j is the uncertainty about byte j+1."""
+        return entropy_from_logits(self.forward(tokens))
