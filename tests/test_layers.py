@@ -1,0 +1,62 @@
+"""Shared blocks checked against naive references."""
+import math
+
+import torch
+
+from layers import KVCache, TransformerBlock, apply_rope, attend, causal_mask, rope_cos_sin
+
+
+def naive_attention(q, k, v, mask):
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.nan_to_num(scores.softmax(-1)) @ v
+
+
+def test_attend_matches_naive_masked_softmax():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 7, 8), torch.randn(2, 3, 9, 8), torch.randn(2, 3, 9, 8)
+    mask = torch.rand(2, 1, 7, 9) > 0.4
+    mask[0, 0, 2] = False  # a query that may attend nothing
+    out = attend(q, k, v, mask)
+    assert torch.allclose(out, naive_attention(q, k, v, mask), atol=1e-5)
+    assert torch.all(out[0, :, 2] == 0)
+
+
+def test_causal_window_mask():
+    pos = torch.arange(6)
+    m = causal_mask(pos, pos, window=3)[0, 0].int()
+    assert m.tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
+                          [0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 1]]
+
+
+def test_rope_is_relative_and_interleaved():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(i, j):
+        ci, si = rope_cos_sin(torch.tensor([i]), 16, 10000.0)
+        cj, sj = rope_cos_sin(torch.tensor([j]), 16, 10000.0)
+        return (apply_rope(q, ci, si) * apply_rope(k, cj, sj)).sum()
+
+    assert torch.allclose(score(3, 1), score(10, 8), atol=1e-4)  # depends on i - j only
+    # pair (x0, x1) rotates by angle = position at frequency 1: (1, 0) at position 1 -> (cos 1, sin 1)
+    x = torch.zeros(1, 1, 1, 16)
+    x[..., 0] = 1.0
+    c, s = rope_cos_sin(torch.tensor([1]), 16, 10000.0)
+    y = apply_rope(x, c, s)[0, 0, 0]
+    assert torch.allclose(y[:2], torch.tensor([math.cos(1.0), math.sin(1.0)]), atol=1e-6)
+
+
+def test_kv_cache_with_sliding_window_matches_full_forward():
+    torch.manual_seed(0)
+    block = TransformerBlock(32, 4, 64)
+    x = torch.randn(2, 20, 32)
+    pos = torch.arange(20)
+    cos, sin = rope_cos_sin(pos, 8, 10000.0)
+    full = block(x, causal_mask(pos, pos, 5), cos, sin)
+    cache = KVCache(window=5)
+    chunks = [block(x[:, :7], None, cos[:7], sin[:7], cache, pos[:7])]
+    for t in range(7, 20):
+        chunks.append(block(x[:, t:t + 1], None, cos[t:t + 1], sin[t:t + 1], cache, pos[t:t + 1]))
+    assert torch.allclose(torch.cat(chunks, 1), full, atol=1e-5)
+    assert cache.k.shape[2] <= 5  # only the window is kept
