@@ -93,10 +93,11 @@ class KVCache:
     def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         """Append k, v: (B, H, T, Dh) at positions (T,); return all keys, values and positions to attend."""
         if self.k is not None:
-            keep = self.k.shape[2] if self.window is None else self.window - 1
-            k = torch.cat([self.k[:, :, self.k.shape[2] - keep :], k], dim=2)
-            v = torch.cat([self.v[:, :, self.v.shape[2] - keep :], v], dim=2)
-            positions = torch.cat([self.positions[self.positions.shape[0] - keep :], positions])
+            S = self.k.shape[2]
+            first = 0 if self.window is None else max(0, S - (self.window - 1))
+            k = torch.cat([self.k[:, :, first:], k], dim=2)
+            v = torch.cat([self.v[:, :, first:], v], dim=2)
+            positions = torch.cat([self.positions[first:], positions])
         self.k, self.v, self.positions = k, v, positions
         return k, v, positions
 

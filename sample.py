@@ -1,0 +1,316 @@
+"""Byte-level generation with dynamic patching (paper sections 2.4 and 3), incremental and naive.
+
+The paper's inference savings come from running the global model once per patch, not once per byte. The
+incremental generator below does exactly that, one new byte at a time:
+
+  1. entropy model, one cached step: H[t] decides whether byte t+1 starts a patch (patching.py convention);
+     strided and space patching decide from the bytes alone;
+  2. local encoder, one cached step: byte t's state joins the open patch;
+  3. if byte t+1 starts a patch, the open patch is complete: pool it (encoder cross-attention) and run ONE
+     cached global step, giving o_j;
+  4. local decoder, one cached step: byte t reads the most recent global output. That is the one-patch
+     shift of decoder.py: the latest complete patch is j-1 inside patch j, and j itself once j closes.
+
+`--naive` recomputes the entropy model and the whole BLT on the full prefix for every byte, as Meta's released
+generator does; it is the reference the incremental generator is tested against.
+
+    python sample.py --checkpoint out/blt.pt --prompt "ROMEO:" --max-bytes 300 --show-patches
+"""
+import argparse
+import codecs
+import os
+import sys
+import time
+
+import torch
+
+from blt import BLT, BLTConfig
+from decoder import decoder_patch_ids
+from entropy_model import entropy_from_logits
+from layers import KVCache
+from patching import BOS_ID, EOS_ID, OFFSET, is_space_like, tokenize
+
+
+class IncrementalBLT:
+    """Keeps every cache of one BLT for a batch of B rows that advance one byte per step in lockstep.
+
+    Local models (entropy, encoder, decoder) are batched. Patch boundaries differ between rows, so each row
+    has its own global-model cache and runs its global step only when its own patch completes.
+    """
+
+    def __init__(self, model: BLT, batch_size: int):
+        self.model, self.cfg, self.B = model, model.cfg, batch_size
+        self.t = 0  # next position to process
+        self.entropy_caches = model.entropy_model.new_caches() if model.entropy_model is not None else None
+        self.encoder_caches = [_cache(model.cfg.local_window) for _ in model.encoder.layers]
+        self.decoder_caches = [_cache(model.cfg.local_window) for _ in model.decoder.layers]
+        self.global_caches = [[_cache(None) for _ in model.global_transformer.layers] for _ in range(batch_size)]
+        self.open_patch = [[] for _ in range(batch_size)]  # encoder states (1, D_E) of the patch being built
+        self.last_global = [None] * batch_size  # most recent global output o_j, (1, 1, D_G)
+        self.n_patches = [0] * batch_size
+        self.patch_start = [0] * batch_size  # position where each row's open patch started
+        self.history = torch.zeros(batch_size, 0, dtype=torch.long)  # ids so far (for hashes and space rule)
+        self.prev_entropy = None
+        self.starts, self.entropies = [], []  # per position: (B,) bools and (B,) nats, for display
+        self.global_steps = 0
+
+    def _next_starts(self, token: torch.Tensor, entropy: torch.Tensor | None) -> torch.Tensor:
+        """Does position t+1 start a patch? Same rules as patching.py, decided from positions <= t."""
+        cfg, t = self.cfg, self.t
+        if t == 0:
+            start = torch.ones(self.B, dtype=torch.bool)  # BOS is a patch of its own
+        elif cfg.patching == "strided":
+            start = torch.full((self.B,), t % int(cfg.patch_size) == 0)
+        elif cfg.patching == "space":
+            space = is_space_like(self.history[:, -2:])  # bytes t-1 and t
+            start = space[:, -1] & ~space[:, 0]
+        elif cfg.patching == "entropy":
+            start = entropy > cfg.entropy_threshold
+        else:  # monotonic
+            start = (entropy - self.prev_entropy) > cfg.entropy_threshold
+        if cfg.max_patch_length is not None:
+            length = torch.tensor([t + 1 - s for s in self.patch_start])
+            start = start | (length % cfg.max_patch_length == 0)
+        return start
+
+    @torch.inference_mode()
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """token: (B,) id at position t. Returns next-byte logits (B, V) for position t+1."""
+        model, t = self.model, self.t
+        pos = torch.tensor([t])
+        self.history = torch.cat([self.history, token[:, None]], dim=1)
+        entropy = None
+        if self.entropy_caches is not None:  # 1. entropy model
+            logits_e = model.entropy_model(token[:, None], caches=self.entropy_caches, start_pos=t)
+            entropy = entropy_from_logits(logits_e[:, -1])  # (B,)
+        start_next = self._next_starts(token, entropy)
+        self.prev_entropy = entropy
+        self.starts.append(start_next)
+        self.entropies.append(entropy)
+        # 2. encoder: the hash n-grams need only the last max(n) ids
+        window = self.history[:, -max(self.cfg.hash_ngram_sizes, default=1):]
+        e = model.encoder.embed(window)[:, -1:]  # (B, 1, D_E)
+        h = model.encoder.byte_layers(e, pos, self.encoder_caches)  # (B, 1, D_E)
+        # 3. global model, only for rows whose patch just closed
+        for b in range(self.B):
+            self.open_patch[b].append(h[b])
+            if start_next[b]:
+                states = torch.cat(self.open_patch[b])[None]  # (1, n, D_E): the complete patch
+                patch = model.encoder.pool(states, torch.zeros(1, states.shape[1], dtype=torch.long), 1)
+                self.last_global[b] = model.global_transformer(patch, self.global_caches[b], self.n_patches[b])
+                self.n_patches[b] += 1
+                self.global_steps += 1
+                self.open_patch[b], self.patch_start[b] = [], t + 1
+        # 4. decoder reads the latest complete patch
+        global_out = torch.cat(self.last_global)  # (B, 1, D_G)
+        logits = model.decoder(h, global_out, torch.zeros(self.B, 1, dtype=torch.long), pos, self.decoder_caches)
+        self.t += 1
+        return logits[:, -1]
+
+
+def _cache(window):
+    return KVCache(window)
+
+
+@torch.no_grad()
+def naive_logits(model: BLT, tokens: torch.Tensor) -> torch.Tensor:
+    """Reference: full recomputation on the prefix. tokens: (B, T) -> next-byte logits (B, V)."""
+    return model(tokens)[:, -1]
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator) -> torch.Tensor:
+    """(B, V) logits -> (B,) ids. temperature 0 is greedy. Special ids other than EOS are never sampled."""
+    logits = logits.float().clone()
+    eos = logits[:, EOS_ID].clone()
+    logits[:, :OFFSET] = float("-inf")
+    logits[:, EOS_ID] = eos
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def generate(model: BLT, prompt: bytes, max_bytes: int, *, batch_size: int = 1, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0, naive: bool = False,
+             stop_at_eos: bool = True, on_byte=None):
+    """Generate max_bytes after prompt for batch_size rows. Returns (ids (B, T), IncrementalBLT or None).
+
+    on_byte(ids (B,)) is called after every generated byte (for streaming)."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    prompt_ids = torch.tensor(tokenize(prompt)).expand(batch_size, -1)
+    tokens = prompt_ids.clone()
+    state = None if naive else IncrementalBLT(model, batch_size)
+    if state is not None:
+        for t in range(prompt_ids.shape[1]):
+            logits = state.step(prompt_ids[:, t])
+    finished = torch.zeros(batch_size, dtype=torch.bool)
+    for _ in range(max_bytes):
+        if naive:
+            logits = naive_logits(model, tokens)
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        nxt = torch.where(finished, torch.full_like(nxt, EOS_ID), nxt)
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        if on_byte is not None:
+            on_byte(nxt)
+        finished |= nxt == EOS_ID
+        if stop_at_eos and finished.all():
+            break
+        if state is not None:
+            logits = state.step(nxt)
+    return tokens, state
+
+
+# ---- command line ----
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message is one line for the user."""
+
+
+def load_blt(path: str) -> BLT:
+    """Rebuild a BLT from a checkpoint {"kind": "blt", "config": dict, "model": state_dict, ...}."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupted, or carrying arbitrary pickled objects
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise CheckpointError(f"{path} is not a checkpoint of this project (no config/model)")
+    if ckpt.get("kind", "blt") != "blt":
+        raise CheckpointError(f"{path} holds a {ckpt.get('kind')} model; sample.py needs a BLT checkpoint")
+    try:
+        model = BLT(BLTConfig.from_dict(ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    except (ValueError, TypeError, RuntimeError) as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:] or [str(e)])
+        raise CheckpointError(f"checkpoint {path} does not match its config: {detail[:200]}")
+    return model.eval()
+
+
+def show_patches(ids: list[int], starts: list[bool]) -> str:
+    """Colour the bytes of alternate patches (ANSI), decoding UTF-8 leniently."""
+    colours = ["\033[30;46m", "\033[30;43m"]
+    out, patch, k = [], bytearray(), 0
+    for i, s in zip(ids, starts):
+        if s and patch:
+            out.append(colours[k % 2] + patch.decode("utf-8", "replace") + "\033[0m")
+            patch, k = bytearray(), k + 1
+        if i >= OFFSET:
+            patch.append(i - OFFSET)
+    out.append(colours[k % 2] + patch.decode("utf-8", "replace") + "\033[0m")
+    return "".join(out)
+
+
+def plot_entropies(path: str, ids: list[int], entropies: list[float], starts: list[bool], threshold, monotonic):
+    """Per-byte entropy with the threshold line and patch starts marked (the style of paper figure 4)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    # Byte j is drawn at the entropy H[j-1] that decided whether it starts a patch (patching.py), so with
+    # the global rule the bytes above the threshold line are exactly the patch starts.
+    n = min(len(ids), len(entropies) + 1, 120)  # a readable stretch
+    fig, ax = plt.subplots(figsize=(max(8, n * 0.13), 3.2))
+    x = list(range(1, n))
+    ax.plot(x, entropies[: n - 1], color="0.3", lw=1, marker="o", ms=2.5)
+    for i in x:
+        if starts[i]:
+            ax.axvline(i - 0.5, color="tab:blue", alpha=0.25, lw=1)
+    if threshold is not None and not monotonic:
+        ax.axhline(threshold, color="tab:red", ls="--", lw=1, label=f"global threshold θ = {threshold:.2f}")
+        ax.legend(loc="upper right", fontsize=8)
+    labels = [("BOS" if i == BOS_ID else chr(i - OFFSET) if 32 <= i - OFFSET < 127 else "·") for i in ids[:n]]
+    ax.set_xticks(x, labels[1:], fontsize=6)
+    ax.set_ylabel("entropy H (nats)")
+    ax.set_title("next-byte entropy; blue lines: patch starts")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Generate bytes from a BLT checkpoint.")
+    p.add_argument("--checkpoint", default="out/blt.pt", help="checkpoint written by train.py or convert.py")
+    p.add_argument("--prompt", help="prompt string (default: --prompt-file, else stdin if piped, else BOS only)")
+    p.add_argument("--prompt-file", help="read the prompt as raw bytes from this file")
+    p.add_argument("--max-bytes", type=int, default=256, help="bytes to generate")
+    p.add_argument("--num-samples", type=int, default=1, help="samples generated together in one batch")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-stop-at-eos", action="store_true", help="keep going after EOS")
+    p.add_argument("--naive", action="store_true", help="recompute everything for every byte (reference)")
+    p.add_argument("--show-patches", action="store_true", help="colour patches in the output (ANSI)")
+    p.add_argument("--plot", help="write a PNG of per-byte entropy with the threshold (entropy schemes)")
+    args = p.parse_args(argv)
+
+    if args.prompt is not None:
+        prompt = os.fsencode(args.prompt)  # raw bytes back, even if the argument is not valid UTF-8
+    elif args.prompt_file is not None:
+        if not os.path.isfile(args.prompt_file):
+            sys.exit(f"error: prompt file not found: {args.prompt_file}")
+        prompt = open(args.prompt_file, "rb").read()
+    elif not sys.stdin.isatty():
+        prompt = sys.stdin.buffer.read()
+    else:
+        prompt = b""
+    try:
+        model = load_blt(args.checkpoint)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+    stream = args.num_samples == 1 and not args.show_patches
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out = sys.stdout
+    if stream:
+        out.write(decoder.decode(prompt))
+        out.flush()
+
+    def on_byte(ids):
+        if stream and int(ids[0]) >= OFFSET:
+            out.write(decoder.decode(bytes([int(ids[0]) - OFFSET])))
+            out.flush()
+
+    t0 = time.perf_counter()
+    tokens, state = generate(model, prompt, args.max_bytes, batch_size=args.num_samples,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                             naive=args.naive, stop_at_eos=not args.no_stop_at_eos, on_byte=on_byte)
+    seconds = time.perf_counter() - t0
+    if stream:
+        out.write(decoder.decode(b"", final=True) + "\n")
+    for b in range(tokens.shape[0]):
+        ids = tokens[b].tolist()
+        if args.show_patches and state is not None:
+            starts = [True] + [bool(s[b]) for s in state.starts]  # position 0 (BOS) starts a patch
+            print(show_patches(ids[: len(starts)], starts))
+        elif not stream:
+            print(f"--- sample {b} ---")
+            print(bytes(i - OFFSET for i in ids if i >= OFFSET).decode("utf-8", "replace"))
+    n_new = tokens.shape[1] - len(prompt) - 1
+    info = f"{n_new} bytes x {tokens.shape[0]} in {seconds:.2f}s ({n_new * tokens.shape[0] / seconds:.0f} bytes/s)"
+    if state is not None:
+        info += f", global steps per byte {state.global_steps / max(1, state.t * state.B):.3f}"
+    print(info, file=sys.stderr)
+    if args.plot:
+        if state is None or state.entropies[0] is None:
+            sys.exit("error: --plot needs entropy patching and the incremental sampler (no --naive)")
+        ents = [float(e[0]) for e in state.entropies]
+        starts = [True] + [bool(s[0]) for s in state.starts]
+        plot_entropies(args.plot, tokens[0].tolist(), ents, starts, model.cfg.entropy_threshold,
+                       model.cfg.patching == "monotonic")
+        print(f"wrote {args.plot}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Incremental generation equals naive recomputation, for every patching scheme."""
+import pytest
+import torch
+
+from patching import tokenize
+from sample import IncrementalBLT, generate, naive_logits
+from test_model import make_model
+
+TEXT = ("To be, or not to be, that is the question: naïve café — 東京 1999! "
+        "Whether 'tis nobler in the mind to suffer the slings and arrows of outrageous fortune, "
+        "or to take arms against a sea of troubles...") .encode()
+
+
+@pytest.mark.parametrize("scheme,max_len", [("strided", None), ("space", None), ("entropy", None),
+                                            ("monotonic", None), ("entropy", 5)])
+@torch.no_grad()
+def test_incremental_equals_naive(scheme, max_len):
+    model = make_model(scheme, max_patch_length=max_len)
+    tokens = torch.tensor([tokenize(TEXT)] * 2)
+    tokens[1, 100] = 4 + ord("X")  # rows differ, so their patch boundaries differ
+    T = tokens.shape[1]
+    assert T > 200
+    state = IncrementalBLT(model, batch_size=2)
+    incremental = torch.stack([state.step(tokens[:, t]) for t in range(T)], dim=1)  # (B, T, V)
+    full = model(tokens)  # one full forward: logits at t equal the naive prefix forward (causality)
+    assert (incremental - full).abs().max() < 1e-4
+    for t in range(0, T, 23):  # and the naive per-prefix recomputation itself
+        assert (incremental[:, t] - naive_logits(model, tokens[:, :t + 1])).abs().max() < 1e-4
+    # the global model ran once per complete patch, per row: every patch but the last (it holds the slot)
+    assert state.n_patches == [int((model.patch(tokens[b:b + 1]) > 0).sum()) - 1 for b in range(2)]
+    assert state.global_steps == sum(state.n_patches)
+
+
+def test_greedy_is_deterministic_and_matches_naive():
+    model = make_model("entropy")
+    a, _ = generate(model, b"Hello", 40, temperature=0)
+    b, _ = generate(model, b"Hello", 40, temperature=0)
+    c, _ = generate(model, b"Hello", 40, temperature=0, naive=True)
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_seeded_sampling_and_batch():
+    model = make_model("space")
+    a, _ = generate(model, b"Hi", 30, batch_size=3, temperature=1.0, top_k=50, top_p=0.9, seed=7)
+    b, _ = generate(model, b"Hi", 30, batch_size=3, temperature=1.0, top_k=50, top_p=0.9, seed=7)
+    assert torch.equal(a, b) and a.shape == (3, 3 + 30)
+    assert not torch.equal(a[0], a[1])  # rows are independent samples
+
+
+def test_invalid_utf8_prompt():
+    model = make_model("space")
+    prompt = b"caf\xc3\xa9 \xff\xfe broken \xe6\x9d"  # valid multi-byte, invalid bytes, truncated character
+    out, _ = generate(model, prompt, 10, temperature=0)
+    assert out[0, 1:1 + len(prompt)].tolist() == [b + 4 for b in prompt]
+
+
+def run_cli(*args, stdin=None):
+    import subprocess
+    import sys
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, os.path.join(root, "sample.py"), *args], input=stdin,
+                          capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    model = make_model("entropy")
+    path = tmp_path_factory.mktemp("ckpt") / "blt.pt"
+    torch.save({"kind": "blt", "config": model.cfg.to_dict(), "model": model.state_dict(), "step": 0}, path)
+    return path
+
+
+def test_cli_generates_from_prompt_file_with_invalid_utf8(checkpoint, tmp_path):
+    prompt = tmp_path / "prompt.bin"
+    prompt.write_bytes(b"na\xc3\xafve \xff\xfe \xe6\x9d")
+    r = run_cli("--checkpoint", str(checkpoint), "--prompt-file", str(prompt), "--max-bytes", "20",
+                "--temperature", "0", "--plot", str(tmp_path / "entropy.png"))
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout.decode("utf-8").startswith("naïve \ufffd\ufffd")
+    assert (tmp_path / "entropy.png").stat().st_size > 1000
+
+
+def test_cli_missing_and_mismatched_checkpoint(checkpoint, tmp_path):
+    r = run_cli("--checkpoint", str(tmp_path / "nope.pt"), "--prompt", "hi")
+    assert r.returncode != 0 and r.stderr.decode().strip() == f"error: checkpoint not found: {tmp_path / 'nope.pt'}"
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["config"]["local_dim"] = 64  # weights from another config
+    torch.save(ckpt, tmp_path / "other.pt")
+    r = run_cli("--checkpoint", str(tmp_path / "other.pt"), "--prompt", "hi")
+    err = r.stderr.decode().strip()
+    assert r.returncode != 0 and "does not match its config" in err and len(err.splitlines()) == 1
+    assert "Traceback" not in err
