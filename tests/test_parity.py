@@ -61,7 +61,7 @@ def _ours(spec: dict, **extra) -> BLTConfig:
     return BLTConfig(patching="entropy", entropy_threshold=2.0, **spec, **extra)
 
 
-def _hf_config(spec: dict, threshold: float = 2.0, **top):
+def _hf_config(spec: dict, threshold: float = 2.0, patch_in_forward: bool = True, **top):
     """The port's BltConfig for one of CONFIGS, written by hand (not by ours_to_hf), with GQA if asked."""
     cfg = _ours(spec)
     ffn = lambda d: swiglu_hidden_dim(d, cfg.multiple_of)  # noqa: E731
@@ -75,7 +75,8 @@ def _hf_config(spec: dict, threshold: float = 2.0, **top):
     return transformers.BltConfig(
         vocab_size=260, cross_attn_k=cfg.cross_attn_k, local_attention_window_len=cfg.local_window,
         encoder_hash_byte_group_size=list(cfg.hash_ngram_sizes), encoder_hash_byte_group_vocab=cfg.hash_buckets,
-        encoder_hash_byte_group_nb_functions=cfg.hash_functions, patch_in_forward=True, patching_threshold=threshold,
+        encoder_hash_byte_group_nb_functions=cfg.hash_functions, patch_in_forward=patch_in_forward,
+        patching_threshold=threshold,
         patcher_config=dict(vocab_size=260, hidden_size=cfg.entropy_dim, num_hidden_layers=cfg.entropy_layers,
                             num_attention_heads=cfg.entropy_heads, intermediate_size=ffn(cfg.entropy_dim),
                             sliding_window=cfg.entropy_window,
@@ -235,6 +236,19 @@ def test_round_trip_ours_to_hf_to_ours(name, seed):
     assert guessed.multiple_of >= cfg.multiple_of and BLTConfig(**{**guessed.to_dict(), "multiple_of": cfg.multiple_of}) == cfg
     assert back_sd.keys() == ours.state_dict().keys()
     assert all(torch.equal(back_sd[k], v) for k, v in ours.state_dict().items())
+
+
+def test_port_without_patcher_is_strided_one():
+    """A port model without a patcher patches one byte per patch (plus the slot): ours as strided, k = 1."""
+    hf = _hf_model(CONFIGS["k2_proj_window"], 0, patch_in_forward=False)
+    cfg, sd = hf_to_ours(hf.state_dict(), hf.config)
+    assert (cfg.patching, cfg.patch_size) == ("strided", 1.0)
+    ours = BLT(cfg).eval()
+    ours.load_state_dict(sd)
+    ids = _tokens(0)
+    with torch.no_grad():
+        diff = (hf(input_ids=ids, use_cache=False).logits - ours(ids)).abs().max().item()
+    assert diff < ATOL
 
 
 def test_hash_ids_match_hf_bit_for_bit():
