@@ -189,8 +189,9 @@ def load_blt(path: str) -> BLT:
     if ckpt.get("kind", "blt") != "blt":
         raise CheckpointError(f"{path} holds a {ckpt.get('kind')} model; sample.py needs a BLT checkpoint")
     try:
-        model = BLT(BLTConfig.from_dict(ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
+        with torch.device("meta"):  # no memory and no random init: the checkpoint supplies every weight
+            model = BLT(BLTConfig.from_dict(ckpt["config"]))
+        model.load_state_dict(ckpt["model"], assign=True)
     except (ValueError, TypeError, RuntimeError) as e:
         detail = " ".join(line.strip() for line in str(e).splitlines()[1:] or [str(e)])
         raise CheckpointError(f"checkpoint {path} does not match its config: {detail[:200]}")
