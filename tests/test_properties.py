@@ -79,3 +79,26 @@ def test_lengths_from_starts_round_trip():
         rebuilt = torch.zeros(n, dtype=torch.bool)
         rebuilt[(lengths.cumsum(0) - lengths)] = True
         assert torch.equal(rebuilt, starts[0])
+
+
+def test_data_loader_properties():
+    """eval_windows predicts every byte exactly once, in order; get_batch targets are the inputs shifted by one."""
+    import numpy as np
+    from data import eval_windows, get_batch
+
+    rng = random.Random(3)
+    for trial in range(30):
+        n = rng.choice([1, 2, 7, 63, 64, 65, 300, 1000])
+        data = np.frombuffer(bytes(rng.randrange(256) for _ in range(n)), dtype=np.uint8)
+        seq_len, batch = rng.choice([1, 8, 64]), rng.choice([1, 3, 16])
+        targets = []
+        for x, y in eval_windows(data, seq_len, batch):
+            assert x.shape == y.shape and torch.all(x[:, 0] == 1)  # every window starts afresh from BOS
+            assert torch.equal(x[:, 1:], y[:, :-1])  # inputs are the targets shifted by one
+            targets.append(y.reshape(-1))
+        assert bytes((torch.cat(targets) - 4).tolist()) == data.tobytes()  # none lost, none duplicated
+        if n >= seq_len:
+            x, y = get_batch(data, batch, seq_len, seed=trial, index=0)
+            for row_x, row_y in zip(x, y):
+                window = bytes((row_y - 4).tolist())
+                assert window in data.tobytes() and torch.equal(row_x[1:], row_y[:-1]) and row_x[0] == 1
