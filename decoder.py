@@ -39,7 +39,9 @@ def decoder_patch_ids(patch_lengths: torch.Tensor, seq_len: int) -> torch.Tensor
 
     patch_lengths: (B, P). Returns (B, seq_len) in [0, P - 1).
     """
+    # --- solution: stage 6: the one-patch decoder shift (paper §3.3) ---
     return patch_ids_from_lengths(patch_lengths[:, 1:], seq_len)
+    # --- end solution ---
 
 
 class LocalDecoder(nn.Module):
@@ -64,8 +66,10 @@ class LocalDecoder(nn.Module):
         B, P, _ = global_out.shape
         D, k = h.shape[-1], self.k
         slots = self.patch_projection(global_out).view(B, P * k, D)  # (B, P*k, D): slot j of o_p at p*k + j
+        # --- solution: stage 6: each byte reads the k slots of its decoder patch (paper §3.3) ---
         slot_patch = torch.arange(P, device=h.device).repeat_interleave(k)  # (P*k,)
         cross_mask = (dec_patch_ids[:, :, None] == slot_patch[None, None, :])[:, None]  # (B, 1, T, P*k)
+        # --- end solution ---
         cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta)
         mask = None if caches else causal_mask(positions, positions, self.window)  # (1, 1, T, T)
         for i, layer in enumerate(self.layers):

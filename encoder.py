@@ -40,12 +40,14 @@ def hash_ngram_ids(tokens: torch.Tensor, n: int, buckets: int, hash_function: in
 
     tokens: (B, T) int64 ids. Returns (B, T) int64 in [0, buckets).
     """
+    # --- solution: stage 3: RollPolyHash n-gram ids, int64 wrap-around (paper §3.2.1, eqs. 5-6) ---
     B, T = tokens.shape
     prime = HASH_PRIMES[hash_function % len(HASH_PRIMES)]
     padded = torch.cat([tokens.new_zeros(B, n - 1), tokens], dim=1)  # (B, T + n - 1)
     windows = padded.unfold(1, n, 1)  # (B, T, n): windows[:, i] = ids i-n+1 .. i
     powers = torch.tensor(prime, dtype=torch.int64, device=tokens.device) ** torch.arange(n, device=tokens.device)
     return (windows * powers).sum(dim=-1) % buckets  # int64 products and sum wrap around; % is non-negative
+    # --- end solution ---
 
 
 class LocalEncoder(nn.Module):
@@ -66,12 +68,14 @@ class LocalEncoder(nn.Module):
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, T) ids -> (B, T, D) byte embeddings plus hash n-gram embeddings (section 3.2.1)."""
+        # --- solution: stage 3: byte embedding plus hash n-gram embeddings (paper §3.2.1, eq. 6) ---
         h = self.tok_embeddings(tokens)
         tables = iter(self.hash_embeddings)
         for f in range(self.hash_functions):
             for n in self.hash_sizes:
                 h = h + next(tables)(hash_ngram_ids(tokens, n, self.hash_buckets, f))
         return h
+        # --- end solution ---
 
     def byte_layers(self, h: torch.Tensor, positions: torch.Tensor, caches=None) -> torch.Tensor:
         """Local transformer. h: (B, T, D) at positions (T,) -> (B, T, D). With caches, only the new
@@ -85,6 +89,7 @@ class LocalEncoder(nn.Module):
     def pool(self, h: torch.Tensor, patch_ids: torch.Tensor, n_patches: int) -> torch.Tensor:
         """Patch cross-attention (section 3.2.2). h: (B, T, D) byte states, patch_ids: (B, T) ->
         (B, P, k * D) patch representations. Empty patches (padding) pool to 0 and attend to nothing."""
+        # --- solution: stage 4: pool each patch, cross-attend to its own bytes (paper §3.2.2) ---
         B, T, D = h.shape
         P, k = n_patches, self.k
         index = patch_ids[..., None].expand(B, T, D)
@@ -94,6 +99,7 @@ class LocalEncoder(nn.Module):
         mask = (query_patch[None, :, None] == patch_ids[:, None, :])[:, None]  # (B, 1, P*k, T): own bytes only
         patches = queries + self.cross_attn(queries, h, mask)  # released quirk: 2 * queries + attention
         return patches.view(B, P, k * D)
+        # --- end solution ---
 
     def forward(self, tokens: torch.Tensor, patch_lengths: torch.Tensor):
         """tokens: (B, T) ids, patch_lengths: (B, P) -> byte states (B, T, D), patches (B, P, k * D)."""

@@ -25,8 +25,10 @@ from patching import VOCAB_SIZE
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Shannon entropy in nats of softmax(logits) over the last axis. (..., V) -> (...)."""
+    # --- solution: stage 1: entropy of softmax(logits) in nats (paper §2.3, eq. 3) ---
     logp = F.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(dim=-1)
+    # --- end solution ---
 
 
 class EntropyModel(nn.Module):
@@ -56,7 +58,9 @@ class EntropyModel(nn.Module):
         B, T = tokens.shape
         pos = torch.arange(start_pos, start_pos + T, device=tokens.device)  # (T,)
         cos, sin = rope_cos_sin(pos, self.head_dim, self.rope_theta)  # (T, Dh)
+        # --- solution: stage 1: causal sliding-window mask (paper §2.3, §2.4) ---
         mask = None if caches else causal_mask(pos, pos, self.window)  # (1, 1, T, T)
+        # --- end solution ---
         h = self.tok_embeddings(tokens)  # (B, T, D)
         for i, layer in enumerate(self.layers):
             h = layer(h, mask, cos, sin, caches[i] if caches else None, pos)

@@ -37,7 +37,9 @@ class GlobalTransformer(nn.Module):
         h = self.input_projection(patches) if self.input_projection is not None else patches
         positions = torch.arange(start, start + P, device=patches.device)  # (P,) patch indices
         cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta)
+        # --- solution: stage 5: causal mask over patches (paper §3.1) ---
         mask = None if caches else causal_mask(positions, positions)  # (1, 1, P, P) causal over patches
+        # --- end solution ---
         for i, layer in enumerate(self.layers):
             h = layer(h, mask, cos, sin, caches[i] if caches else None, positions)
         return h

@@ -95,12 +95,14 @@ def space_patch_starts(tokens: torch.Tensor) -> torch.Tensor:
 
     tokens: (B, T). Returns starts: (B, T+1) bool.
     """
+    # --- solution: stage 2: space patching: starts after a space-like byte (paper §2.2) ---
     B, T = tokens.shape
     space = is_space_like(tokens)  # (B, T)
     starts = torch.zeros(B, T + 1, dtype=torch.bool, device=tokens.device)
     # starts[:, t] for t >= 2 looks at bytes t-1 and t-2 only (incremental).
     starts[:, 2:] = space[:, 1:] & ~space[:, :-1]
     return _with_forced_starts(starts)
+    # --- end solution ---
 
 
 def entropy_patch_starts(entropies: torch.Tensor, threshold: float, monotonic: bool = False) -> torch.Tensor:
@@ -112,6 +114,7 @@ def entropy_patch_starts(entropies: torch.Tensor, threshold: float, monotonic: b
 
     entropies: (B, T) next-byte entropies in nats. Returns starts: (B, T+1) bool.
     """
+    # --- solution: stage 2: global and monotonic entropy rules (paper §2.3, eq. 4) ---
     B, T = entropies.shape
     starts = torch.zeros(B, T + 1, dtype=torch.bool, device=entropies.device)
     if monotonic:
@@ -119,11 +122,13 @@ def entropy_patch_starts(entropies: torch.Tensor, threshold: float, monotonic: b
     else:
         starts[:, 1:] = entropies > threshold
     return _with_forced_starts(starts)
+    # --- end solution ---
 
 
 def limit_patch_length(starts: torch.Tensor, max_patch_length: int | None) -> torch.Tensor:
     """Split patches longer than max_patch_length into chunks of that length (counted from each patch's
     start, so the rule stays incremental). starts: (B, N) bool -> (B, N) bool."""
+    # --- solution: stage 2: split patches longer than max_patch_length (paper §2.4, incremental) ---
     if max_patch_length is None:
         return starts
     B, N = starts.shape
@@ -131,6 +136,7 @@ def limit_patch_length(starts: torch.Tensor, max_patch_length: int | None) -> to
     # position of the latest patch start at or before each position: a running max
     last_start = torch.where(starts, pos, torch.zeros_like(pos)).cummax(dim=1).values
     return starts | (((pos - last_start) % max_patch_length == 0) & (pos > last_start))
+    # --- end solution ---
 
 
 def lengths_from_starts(starts: torch.Tensor) -> torch.Tensor:
@@ -138,12 +144,14 @@ def lengths_from_starts(starts: torch.Tensor) -> torch.Tensor:
 
     Example: starts [1,1,0,0,1,0,0,0,1] -> lengths [1, 3, 4, 1].
     """
+    # --- solution: stage 2: patch starts to right-padded patch lengths (paper §2) ---
     B, N = starts.shape
     patch_index = starts.long().cumsum(dim=1) - 1  # (B, N) index of the patch holding each position
     P = int(patch_index.max()) + 1
     lengths = torch.zeros(B, P, dtype=torch.long, device=starts.device)
     lengths.scatter_add_(1, patch_index, torch.ones_like(patch_index))
     return lengths
+    # --- end solution ---
 
 
 def patch_ids_from_lengths(patch_lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
