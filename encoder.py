@@ -74,7 +74,7 @@ class LocalEncoder(nn.Module):
         for f in range(self.hash_functions):
             for n in self.hash_sizes:
                 h = h + next(tables)(hash_ngram_ids(tokens, n, self.hash_buckets, f))
-        return h
+        return h  # released code: no division by (number of n + 1), which paper §3.2.1 eq. 6 has
         # --- end solution ---
 
     def byte_layers(self, h: torch.Tensor, positions: torch.Tensor, caches=None) -> torch.Tensor:
@@ -92,12 +92,13 @@ class LocalEncoder(nn.Module):
         # --- solution: stage 4: pool each patch, cross-attend to its own bytes (paper §3.2.2) ---
         B, T, D = h.shape
         P, k = n_patches, self.k
+        # released code pools the last layer's byte states; paper §3.2.2 pools the byte embeddings
         index = patch_ids[..., None].expand(B, T, D)
         pooled = h.new_zeros(B, P, D).scatter_reduce(1, index, h, reduce="amax", include_self=False)  # (B, P, D)
         queries = self.patch_projection(pooled).view(B, P * k, D)  # (B, P*k, D): slot j of patch p at p*k + j
         query_patch = torch.arange(P, device=h.device).repeat_interleave(k)  # (P*k,)
         mask = (query_patch[None, :, None] == patch_ids[:, None, :])[:, None]  # (B, 1, P*k, T): own bytes only
-        patches = queries + self.cross_attn(queries, h, mask)  # released quirk: 2 * queries + attention
+        patches = queries + self.cross_attn(queries, h, mask)  # released: 2 * queries + attention (§3.2.2: q + attn)
         return patches.view(B, P, k * D)
         # --- end solution ---
 

@@ -42,4 +42,4 @@ class GlobalTransformer(nn.Module):
         # --- end solution ---
         for i, layer in enumerate(self.layers):
             h = layer(h, mask, cos, sin, caches[i] if caches else None, positions)
-        return h
+        return h  # released code: no final norm after the last layer (paper §3.1 does not specify one)
