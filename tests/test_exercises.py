@@ -1,0 +1,241 @@
+"""The course kit (make_exercises.py, exercises.md, tests/test_stageN_*.py).
+
+Fast checks of the markers, the stripping and the copies, then one end-to-end check that runs the stage
+tests in generated copies, each in a pytest subprocess (about a minute on 2 cores):
+  * the student version (every stage stripped): every stage test fails with NotImplementedError, none with
+    an import or collection error;
+  * for N = 2..7, a copy with stages N..7 stripped: stage N-1's solution is back in and its tests pass while
+    every later stage is still missing; stage N's tests fail with stage N's own NotImplementedError (so no
+    stage's tests depend on a later stage);
+  * the teacher version: every stage test passes.
+"""
+import os
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import make_exercises as kit
+
+REPO = Path(__file__).resolve().parent.parent
+STAGES = list(kit.STAGES)
+
+
+# ---- markers and stripping ----
+
+SYNTHETIC = '''"""Module docstring that shows a marker as text:
+    # --- solution: stage 2: not a region, it is inside a string (paper §1) ---
+"""
+
+
+def whole_body(x):
+    """Docstring stays."""
+    # --- solution: stage 2: double it (paper §2.1, eq. 1) ---
+    y = 2 * x
+    return y
+    # --- end solution ---
+
+
+class Thing:
+    def method(self, x):
+        x = x + 1
+        # --- solution: stage 3: square it (paper §3) ---
+        x = x * x
+        # --- end solution ---
+        return x
+'''
+
+
+def test_regions_and_hints_on_a_synthetic_module():
+    regions = kit.find_regions(SYNTHETIC, "synthetic.py")
+    assert [(r.stage, r.function, len(r.indent)) for r in regions] == [(2, "whole_body", 4), (3, "Thing.method", 8)]
+    assert regions[0].hint == "stage 2: double it — see paper §2.1, eq. 1"
+    namespace = {}
+    exec(compile(kit.strip_source(SYNTHETIC, regions), "synthetic.py", "exec"), namespace)
+    assert namespace["whole_body"].__doc__ == "Docstring stays."
+    with pytest.raises(NotImplementedError, match="stage 2: double it — see paper §2.1, eq. 1"):
+        namespace["whole_body"](3)
+    with pytest.raises(NotImplementedError, match="stage 3: square it"):
+        namespace["Thing"]().method(3)
+    # only the chosen stages are stripped; the others keep their code (and their markers)
+    namespace = {}
+    exec(compile(kit.strip_source(SYNTHETIC, regions, stages={3}), "synthetic.py", "exec"), namespace)
+    assert namespace["whole_body"](3) == 6
+    assert kit.strip_source(SYNTHETIC, regions, stages=set()) == SYNTHETIC
+
+
+@pytest.mark.parametrize("source, message", [
+    ("def f():\n    # --- solution: stage 1: x (paper §1) ---\n    return 1\n", "never closed"),
+    ("def f():\n    return 1\n    # --- end solution ---\n", "never opened"),
+    ("def f():\n    # --- solution: stage 1: x (paper §1) ---\n    # --- solution: stage 1: y (paper §1) ---\n"
+     "    return 1\n    # --- end solution ---\n    # --- end solution ---\n", "inside the one"),
+    ("def f():\n    # --- solution: stage 1: x (paper §1) ---\n    return 1\n  # --- end solution ---\n", "indented"),
+    ("def f():\n    # --- solution: stage 1: x ---\n    return 1\n    # --- end solution ---\n", "malformed"),
+    ("def f():\n    # --- solution: stage 9: x (paper §1) ---\n    return 1\n    # --- end solution ---\n", "stage 9"),
+    ("def f():\n    return 1  # --- end solution ---\n", "alone on its line"),
+    ("# --- solution: stage 1: x (paper §1) ---\nX = 1\n# --- end solution ---\n", "inside a function"),
+    ("def f():\n    # --- solution: stage 1: x (paper §1) ---\n    # --- end solution ---\n", "empty"),
+])
+def test_malformed_markers_are_refused(source, message):
+    with pytest.raises(kit.MarkerError, match=message):
+        kit.find_regions(source, "bad.py")
+
+
+def test_repository_regions_cover_every_stage():
+    regions = kit.check()
+    assert sorted({r.stage for r in regions}) == STAGES
+    for r in regions:
+        assert re.fullmatch(r"stage \d: [^\"\\]+ — see paper §\d[^\"\\]*", r.hint), r.hint
+        assert r.last - r.first <= 12, f"{r.path}:{r.first}: keep solution regions small"
+
+
+# ---- copies ----
+
+def test_teacher_copy_is_unchanged_and_student_copy_differs_only_in_regions(tmp_path):
+    files = kit.repo_files()
+    assert "make_exercises.py" in files and "exercises.md" in files and "pytest.ini" in files
+    assert not any(f.startswith(("data/", "out/")) or "__pycache__" in f for f in files)
+    kit.make_copy(tmp_path / "teacher", student=False)
+    for f in files:
+        assert (tmp_path / "teacher" / f).read_bytes() == (REPO / f).read_bytes(), f
+    stripped = kit.make_copy(tmp_path / "student", student=True)
+    by_file = {}
+    for r in stripped:
+        by_file.setdefault(r.path, []).append(r)
+    for f in files:
+        copy = tmp_path / "student" / f
+        if f in kit.KIT_FILES:
+            assert not copy.exists(), f
+        elif f in by_file:
+            text = copy.read_text(encoding="utf-8")
+            original = (REPO / f).read_text(encoding="utf-8")
+            assert text == kit.strip_source(original, by_file[f])
+            assert "--- solution" not in text and "NotImplementedError" in text
+        else:
+            assert copy.read_bytes() == (REPO / f).read_bytes(), f
+    # one stage at a time
+    only = kit.make_copy(tmp_path / "stage3", student=True, stages={3})
+    assert {r.stage for r in only} == {3}
+    assert "stage 3:" in (tmp_path / "stage3" / "encoder.py").read_text(encoding="utf-8")
+    assert (tmp_path / "stage3" / "decoder.py").read_bytes() == (REPO / "decoder.py").read_bytes()
+
+
+def test_copy_without_git_skips_data_outputs_and_caches(tmp_path):
+    kit.make_copy(tmp_path / "teacher", student=False)  # under tmp_path: not a git repository
+    for junk in ("data/corpus.bin", "out/blt.pt", "tests/__pycache__/x.pyc", "runs/log.txt", "model.pt"):
+        (tmp_path / "teacher" / junk).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "teacher" / junk).write_text("junk")
+    (tmp_path / "teacher" / "tests" / "data").mkdir()
+    (tmp_path / "teacher" / "tests" / "data" / "fixture.txt").write_text("kept: only the top-level data/ is skipped")
+    files = kit.repo_files(tmp_path / "teacher")
+    assert sorted(files) == sorted(kit.repo_files() + ["tests/data/fixture.txt"])
+    stripped = kit.make_copy(tmp_path / "student", student=True, root=tmp_path / "teacher")
+    assert {r.stage for r in stripped} == set(STAGES)
+
+
+def test_command_line(tmp_path, capsys):
+    assert kit.main(["--check"]) == 0
+    assert "stage 6" in capsys.readouterr().out
+    assert kit.main(["--student", str(tmp_path / "s"), "--stage", "2", "--stage", "5"]) == 0
+    assert "stages [2, 5]" in capsys.readouterr().out
+    assert kit.main(["--student", str(tmp_path / "s")]) == 1  # refuses a folder that is not empty
+    assert "not empty" in capsys.readouterr().err
+    assert kit.main(["--student", str(REPO / "student-copy")]) == 1  # would be copied into the next copy
+    assert "inside the repository" in capsys.readouterr().err and not (REPO / "student-copy").exists()
+    for bad in (["--student", str(tmp_path / "t"), "--stage", "8"], ["--teacher", str(tmp_path / "t"), "--stage", "2"]):
+        with pytest.raises(SystemExit):
+            kit.main(bad)
+
+
+def test_guide_readme_and_markers_are_wired_up():
+    guide = (REPO / "exercises.md").read_text(encoding="utf-8")
+    for n in STAGES:
+        assert f"python -m pytest -m stage{n}" in guide, n
+    for r in kit.check():
+        assert r.function.split(".")[-1] in guide, r.function
+    assert "exercises.md" in (REPO / "README.md").read_text(encoding="utf-8")
+    ini = (REPO / "pytest.ini").read_text()
+    assert all(f"stage{n}:" in ini for n in STAGES)
+    stage_files = sorted(p.name for p in (REPO / "tests").glob("test_stage*_*.py"))
+    assert [int(re.match(r"test_stage(\d+)_", name)[1]) for name in stage_files] == STAGES
+    for name in stage_files:
+        n = re.match(r"test_stage(\d+)_", name)[1]
+        assert f"pytestmark = pytest.mark.stage{n}\n" in (REPO / "tests" / name).read_text(), name
+
+
+# ---- the stage tests in generated copies ----
+
+def run_stage_tests(root: Path, stages: list[int], work: Path) -> tuple[subprocess.CompletedProcess, dict]:
+    """pytest -m 'stageA or stageB' on the stage test files of the copy at root, in a subprocess.
+    Returns the process and {test id: (stage, outcome, message)} from its JUnit report."""
+    junit = work / "junit.xml"
+    files = sorted(str(p.relative_to(root)) for p in (root / "tests").glob("test_stage*_*.py"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env.update(PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "--tb=short", "-m", " or ".join(f"stage{n}" for n in stages), *files,
+         # plugins the stage tests do not use cost a second per run
+         "-p", "no:cacheprovider", "-p", "no:benchmark", "-p", "no:hypothesispytest",
+         f"--junitxml={junit}", f"--basetemp={work / 'tmp'}"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    results = {}
+    if junit.exists():
+        for case in ET.parse(junit).getroot().iter("testcase"):
+            stage = re.search(r"test_stage(\d+)_", case.get("classname", "") + case.get("name", ""))
+            outcome, message = "passed", ""
+            for tag in ("failure", "error", "skipped"):
+                node = case.find(tag)
+                if node is not None:
+                    outcome, message = tag, (node.get("message") or "") + "\n" + (node.text or "")
+                    break
+            test = f"{case.get('classname')}::{case.get('name')}"
+            results[test] = (int(stage[1]) if stage else None, outcome, message)
+    return proc, results
+
+
+def check_run(name: str, proc, results: dict, expect: dict[int, str]) -> list[str]:
+    """expect: stage -> "pass", "stub" (fails with that stage's own NotImplementedError) or "stub-any"
+    (fails with some stage's NotImplementedError). Returns the problems found."""
+    problems = []
+    output = proc.stdout + proc.stderr
+    if proc.returncode not in (0, 1) or "errors during collection" in output or "ImportError" in output:
+        problems.append(f"{name}: pytest exit {proc.returncode}, collection or import error:\n{output[-3000:]}")
+        return problems
+    for n, want in expect.items():
+        cases = {t: r for t, r in results.items() if r[0] == n}
+        if not cases:
+            problems.append(f"{name}: no stage {n} test ran")
+        for test, (_, outcome, message) in cases.items():
+            if want == "pass" and outcome != "passed":
+                problems.append(f"{name}: {test} should pass, {outcome}:\n{message[-1500:]}")
+            elif want.startswith("stub"):
+                hint = "NotImplementedError: stage " + ("" if want == "stub-any" else f"{n}:")
+                if outcome != "failure" or hint not in message:
+                    problems.append(f"{name}: {test} should fail with '{hint}', {outcome}:\n{message[-1500:]}")
+    unexpected = sorted(t for t, r in results.items() if r[0] not in expect)
+    if unexpected:
+        problems.append(f"{name}: tests of unselected stages ran: {unexpected}")
+    return problems
+
+
+def test_stage_tests_in_student_and_teacher_versions(tmp_path):
+    jobs = [("student", dict(student=True), STAGES, {1: "stub", **{n: "stub-any" for n in STAGES[1:]}})]
+    for n in STAGES[1:]:  # stages n..7 stripped: n-1 goes green on its own, n fails with its own stub
+        later = set(range(n, STAGES[-1] + 1))
+        jobs.append((f"stages {n}-7 stripped", dict(student=True, stages=later), [n - 1, n], {n - 1: "pass", n: "stub"}))
+    jobs.append(("teacher", dict(student=False), STAGES, {n: "pass" for n in STAGES}))
+
+    def run(job):
+        name, copy_args, stages, expect = job
+        work = tmp_path / re.sub(r"\W+", "_", name)
+        kit.make_copy(work / "repo", **copy_args)
+        proc, results = run_stage_tests(work / "repo", stages, work)
+        return check_run(name, proc, results, expect)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        problems = [p for found in pool.map(run, jobs) for p in found]
+    assert not problems, "\n\n".join(problems)
