@@ -90,7 +90,7 @@ def test_repository_regions_cover_every_stage():
     assert sorted({r.stage for r in regions}) == STAGES
     for r in regions:
         assert re.fullmatch(r"stage \d: [^\"\\]+ — see paper §\d[^\"\\]*", r.hint), r.hint
-        assert r.last - r.first <= 12, f"{r.path}:{r.first}: keep solution regions small"
+        assert r.last - r.first <= 15, f"{r.path}:{r.first}: keep solution regions small"
 
 
 # ---- copies ----
