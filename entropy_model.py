@@ -26,8 +26,8 @@ from patching import VOCAB_SIZE
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Shannon entropy in nats of softmax(logits) over the last axis. (..., V) -> (...)."""
     # --- solution: stage 1: entropy of softmax(logits) in nats (paper §2.3, eq. 3) ---
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1)
+    p = F.softmax(logits.float(), dim=-1)
+    return -torch.special.xlogy(p, p).sum(dim=-1)  # xlogy takes 0 log 0 = 0, so masked (-inf) classes add nothing
     # --- end solution ---
 
 
