@@ -167,7 +167,7 @@ def patch_ids_from_lengths(patch_lengths: torch.Tensor, seq_len: int) -> torch.T
     return torch.searchsorted(starts.contiguous(), pos.contiguous(), right=True) - 1
 
 
-def patch_lengths(
+def patch_starts(
     tokens: torch.Tensor,
     scheme: str,
     *,
@@ -176,8 +176,8 @@ def patch_lengths(
     threshold: float | None = None,
     max_patch_length: int | None = None,
 ) -> torch.Tensor:
-    """One entry point for every scheme. tokens: (B, T) ids (BOS first). Returns lengths (B, P) that sum to
-    T+1 per row (the next-byte slot), right-padded with 0.
+    """One entry point for every scheme. tokens: (B, T) ids (BOS first) -> starts (B, T+1) bool, the last
+    column being the next-byte slot.
 
     scheme: "strided" (uses patch_size), "space", "entropy" or "monotonic" (use entropies and threshold).
     """
@@ -191,7 +191,12 @@ def patch_lengths(
         starts = entropy_patch_starts(entropies, threshold, monotonic=scheme == "monotonic")
     else:
         raise ValueError(f"unknown patching scheme {scheme!r} (strided, space, entropy, monotonic)")
-    return lengths_from_starts(limit_patch_length(starts, max_patch_length))
+    return limit_patch_length(starts, max_patch_length)
+
+
+def patch_lengths(tokens: torch.Tensor, scheme: str, **kwargs) -> torch.Tensor:
+    """`patch_starts` as lengths (B, P) that sum to T+1 per row (the next-byte slot), right-padded with 0."""
+    return lengths_from_starts(patch_starts(tokens, scheme, **kwargs))
 
 
 def average_patch_size(patch_lengths: torch.Tensor) -> float:

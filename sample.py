@@ -28,7 +28,7 @@ from blt import BLT, BLTConfig
 from decoder import decoder_patch_ids
 from entropy_model import entropy_from_logits
 from layers import KVCache
-from patching import BOS_ID, EOS_ID, OFFSET, is_space_like, tokenize
+from patching import BOS_ID, EOS_ID, OFFSET, patch_starts, tokenize
 
 
 class IncrementalBLT:
@@ -48,30 +48,18 @@ class IncrementalBLT:
         self.open_patch = [[] for _ in range(batch_size)]  # encoder states (1, D_E) of the patch being built
         self.last_global = [None] * batch_size  # most recent global output o_j, (1, 1, D_G)
         self.n_patches = [0] * batch_size
-        self.patch_start = [0] * batch_size  # position where each row's open patch started
-        self.history = torch.zeros(batch_size, 0, dtype=torch.long)  # ids so far (for hashes and space rule)
-        self.prev_entropy = None
-        self.starts, self.entropies = [], []  # per position: (B,) bools and (B,) nats, for display
+        self.history = torch.zeros(batch_size, 0, dtype=torch.long)  # ids so far (for hashes and patching)
+        self.starts, self.entropies = [], []  # per position t: does t+1 start a patch (B,); H[t] in nats (B,)
         self.global_steps = 0
 
-    def _next_starts(self, token: torch.Tensor, entropy: torch.Tensor | None) -> torch.Tensor:
-        """Does position t+1 start a patch? Same rules as patching.py, decided from positions <= t."""
-        cfg, t = self.cfg, self.t
-        if t == 0:
-            start = torch.ones(self.B, dtype=torch.bool)  # BOS is a patch of its own
-        elif cfg.patching == "strided":
-            start = torch.full((self.B,), t % int(cfg.patch_size) == 0)
-        elif cfg.patching == "space":
-            space = is_space_like(self.history[:, -2:])  # bytes t-1 and t
-            start = space[:, -1] & ~space[:, 0]
-        elif cfg.patching == "entropy":
-            start = entropy > cfg.entropy_threshold
-        else:  # monotonic
-            start = (entropy - self.prev_entropy) > cfg.entropy_threshold
-        if cfg.max_patch_length is not None:
-            length = torch.tensor([t + 1 - s for s in self.patch_start])
-            start = start | (length % cfg.max_patch_length == 0)
-        return start
+    def _next_start(self) -> torch.Tensor:
+        """Does position t+1 start a patch? patching.py's rules on the history so far: they look only at
+        positions <= t, so the last column is final (incremental patching, paper section 2.4)."""
+        cfg = self.cfg
+        entropies = torch.stack(self.entropies, dim=1) if self.entropy_caches is not None else None  # (B, t+1)
+        starts = patch_starts(self.history, cfg.patching, patch_size=int(cfg.patch_size), entropies=entropies,
+                              threshold=cfg.entropy_threshold, max_patch_length=cfg.max_patch_length)
+        return starts[:, -1]  # (B,)
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor) -> torch.Tensor:
@@ -79,14 +67,11 @@ class IncrementalBLT:
         model, t = self.model, self.t
         pos = torch.tensor([t])
         self.history = torch.cat([self.history, token[:, None]], dim=1)
-        entropy = None
         if self.entropy_caches is not None:  # 1. entropy model
             logits_e = model.entropy_model(token[:, None], caches=self.entropy_caches, start_pos=t)
-            entropy = entropy_from_logits(logits_e[:, -1])  # (B,)
-        start_next = self._next_starts(token, entropy)
-        self.prev_entropy = entropy
+            self.entropies.append(entropy_from_logits(logits_e[:, -1]))  # (B,)
+        start_next = self._next_start()
         self.starts.append(start_next)
-        self.entropies.append(entropy)
         # 2. encoder: the hash n-grams need only the last max(n) ids
         window = self.history[:, -max(self.cfg.hash_ngram_sizes, default=1):]
         e = model.encoder.embed(window)[:, -1:]  # (B, 1, D_E)
@@ -100,7 +85,7 @@ class IncrementalBLT:
                 self.last_global[b] = model.global_transformer(patch, self.global_caches[b], self.n_patches[b])
                 self.n_patches[b] += 1
                 self.global_steps += 1
-                self.open_patch[b], self.patch_start[b] = [], t + 1
+                self.open_patch[b] = []
         # 4. decoder reads the latest complete patch
         global_out = torch.cat(self.last_global)  # (B, 1, D_G)
         logits = model.decoder(h, global_out, torch.zeros(self.B, 1, dtype=torch.long), pos, self.decoder_caches)
@@ -304,7 +289,7 @@ def main(argv=None):
         info += f", global steps per byte {state.global_steps / max(1, state.t * state.B):.3f}"
     print(info, file=sys.stderr)
     if args.plot:
-        if state is None or state.entropies[0] is None:
+        if state is None or not state.entropies:
             sys.exit("error: --plot needs entropy patching and the incremental sampler (no --naive)")
         ents = [float(e[0]) for e in state.entropies]
         starts = [True] + [bool(s[0]) for s in state.starts]
