@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent
 README_START, README_END = "<!-- experiments:start -->", "<!-- experiments:end -->"
 
 PRESETS = {
-    "cpu": dict(steps=300, entropy_steps=300, final_eval_bytes=1 << 17, seq_len=256, byte_layers=4),
+    "cpu": dict(steps=150, entropy_steps=300, final_eval_bytes=1 << 16, seq_len=256, byte_layers=4),
     "gpu": dict(steps=6000, entropy_steps=3000, final_eval_bytes=1 << 21, seq_len=1024, byte_layers=8),
     "smoke": dict(steps=20, entropy_steps=20, final_eval_bytes=4096, seq_len=64, byte_layers=2),  # tests only
 }
