@@ -14,7 +14,7 @@ incremental generator below does exactly that, one new byte at a time:
 `--naive` recomputes the entropy model and the whole BLT on the full prefix for every byte, as Meta's released
 generator does; it is the reference the incremental generator is tested against.
 
-    python sample.py --checkpoint out/blt.pt --prompt "ROMEO:" --max-bytes 300 --show-patches
+    python sample.py --checkpoint out/shakespeare-cpu/blt_entropy.pt --prompt "ROMEO:" --max-bytes 300 --show-patches
 """
 import argparse
 import codecs
@@ -225,7 +225,7 @@ def plot_entropies(path: str, ids: list[int], entropies: list[float], starts: li
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Generate bytes from a BLT checkpoint.")
-    p.add_argument("--checkpoint", default="out/blt.pt", help="checkpoint written by train.py or convert.py")
+    p.add_argument("--checkpoint", default="out/shakespeare-cpu/blt_entropy.pt", help="checkpoint written by train.py or convert.py")
     p.add_argument("--prompt", help="prompt string (default: --prompt-file, else stdin if piped, else BOS only)")
     p.add_argument("--prompt-file", help="read the prompt as raw bytes from this file")
     p.add_argument("--max-bytes", type=int, default=256, help="bytes to generate")
