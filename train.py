@@ -66,7 +66,8 @@ from blt import BLT, BLTConfig, bits_per_byte, byte_transformer_flops_per_byte, 
 from blt import cpu_tiny, flops_per_byte, one_gpu  # noqa: E402
 from data import DataError, eval_windows, get_batch, load_corpus  # noqa: E402
 from entropy_model import EntropyModel  # noqa: E402
-from patching import VOCAB_SIZE, calibrate_threshold  # noqa: E402
+from patching import VOCAB_SIZE, average_patch_size, calibrate_threshold, entropy_patch_starts  # noqa: E402
+from patching import lengths_from_starts, limit_patch_length  # noqa: E402
 
 CHECKPOINT_FORMAT = 1
 
@@ -584,7 +585,6 @@ def calibrate(entropy_cfg: ByteLMConfig, blt_cfg: BLTConfig, tc: TrainConfig, co
     with torch.no_grad():
         entropies = torch.cat([model.entropies(to_device(chunk, opts.device)).cpu() for chunk in x.split(64)])
     theta = calibrate_threshold(entropies, blt_cfg.patch_size, monotonic=monotonic, max_patch_length=blt_cfg.max_patch_length)
-    from patching import average_patch_size, entropy_patch_starts, lengths_from_starts, limit_patch_length
     achieved = average_patch_size(lengths_from_starts(limit_patch_length(
         entropy_patch_starts(entropies, theta, monotonic), blt_cfg.max_patch_length)))
     result = {"scheme": blt_cfg.patching, "target_patch_size": blt_cfg.patch_size, "threshold": theta,
@@ -597,7 +597,7 @@ def calibrate(entropy_cfg: ByteLMConfig, blt_cfg: BLTConfig, tc: TrainConfig, co
     return result
 
 
-def load_calibration(out: Path, blt_cfg: BLTConfig, entropy_cfg: ByteLMConfig, tc: TrainConfig) -> float:
+def load_calibration(out: Path, blt_cfg: BLTConfig, entropy_cfg: ByteLMConfig) -> float:
     path = out / "calibration.json"
     if not path.exists():
         raise UsageError(f"no threshold in {out}: run --stage calibrate first (or --stage all)")
@@ -647,14 +647,15 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue the checkpoints in --out (finished stages are skipped)")
     p.add_argument("--overwrite", action="store_true", help="start over even if --out holds checkpoints")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                   help="wall-clock budget for the whole command; plans the step counts to fit")
+                   help="wall-clock budget for the whole command; the schedules follow the clock")
     p.add_argument("--steps", type=int, default=None, help="training steps of the main model")
     p.add_argument("--entropy-steps", type=int, default=None, help="training steps of the entropy model")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--seq-len", type=int, default=None, help="bytes per training window")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per step of the main model")
+    p.add_argument("--seq-len", type=int, default=None, help="bytes per window of the main model")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate of the main model")
-    p.add_argument("--entropy-lr", type=float, default=None)
-    p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument("--entropy-lr", type=float, default=None, help="peak learning rate of the entropy model")
+    p.add_argument("--entropy-seq-len", type=int, default=None, help="bytes per window for the entropy model")
+    p.add_argument("--warmup-steps", type=int, default=None, help="warmup steps of the main model")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="autocast dtype (default bf16)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
     p.add_argument("--seed", type=int, default=0)
@@ -712,8 +713,8 @@ def run(args):
     train = {k: v for k, v in dict(seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
                                    warmup_steps=args.warmup_steps, dtype=args.dtype).items() if v is not None}
     tc = TrainConfig(**{**preset["train"], **train, **seed})
-    entropy_tc = TrainConfig(**{**preset["entropy_train"], **{k: v for k, v in train.items() if k != "lr"},
-                                **({"lr": args.entropy_lr} if args.entropy_lr else {}), **seed})
+    entropy_train = {k: v for k, v in dict(lr=args.entropy_lr, seq_len=args.entropy_seq_len, dtype=args.dtype).items() if v is not None}
+    entropy_tc = TrainConfig(**{**preset["entropy_train"], **entropy_train, **seed})
     opts = argparse.Namespace(
         device=device, compile=preset["compile"] if args.compile is None else args.compile,
         eval_interval=args.eval_interval or preset["eval_interval"], eval_bytes=args.eval_bytes or preset["eval_bytes"],
@@ -748,10 +749,10 @@ def run(args):
                   args.entropy_steps or preset["entropy_steps"], corpus, out, budget, opts,
                   "entropy model (paper 2.3), a small causal byte LM")
     if "calibrate" in stages:
-        calibrate(entropy_cfg, blt_cfg, entropy_tc, corpus, out, opts)
+        calibrate(entropy_cfg, blt_cfg, tc, corpus, out, opts)  # on windows as long as BLT's
     if "blt" in stages:
         if blt_cfg.patching in ("entropy", "monotonic"):
-            blt_cfg.entropy_threshold = load_calibration(out, blt_cfg, entropy_cfg, entropy_tc)
+            blt_cfg.entropy_threshold = load_calibration(out, blt_cfg, entropy_cfg)
         entropy_weights = None
         if blt_cfg.patching in ("entropy", "monotonic"):
             ckpt = read_checkpoint(out / "entropy.pt")

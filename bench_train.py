@@ -1,0 +1,152 @@
+"""Training speed of each train.py preset: bytes/s, achieved FLOP/s against a matmul peak measured here, and
+peak memory.
+
+    python bench_train.py                  # the cpu preset (and the gpu preset when CUDA is available)
+    python bench_train.py --preset cpu --steps 8
+
+For every preset it times a few training steps (after warm-up) of the three models train.py trains: the
+entropy model, BLT with entropy patching (patched on the fly by the entropy model, as in training) and the
+plain byte-level transformer, in bf16 autocast and in fp32. Achieved FLOP/s counts the model FLOPs of paper
+section 4.5 (blt.flops_per_byte; for BLT plus the entropy model's forward pass), so it is comparable across
+models; the peak is the best square-matmul rate measured on the same device and dtype. Each measurement runs
+in a fresh process so that its peak memory (resident set on CPU, allocator peak on GPU) is its own.
+
+The bytes are random (throughput does not depend on the text), so nothing is downloaded.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py: robust on a shared small machine
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
+    """Best FLOP/s of square matmuls (n = 512 ... 4096) on this device and dtype."""
+    best = 0.0
+    for n in (512, 1024, 2048) + ((4096, 8192) if device.type == "cuda" else ()):
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        a @ b  # warm-up
+        reps, t0 = 0, time.perf_counter()
+        while True:
+            a @ b
+            reps += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if time.perf_counter() - t0 > seconds / 4:
+                break
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t0))
+    return best
+
+
+def measure(preset_name: str, model_kind: str, dtype: str, steps: int) -> dict:
+    """Time `steps` training steps of one model of one preset (in this process)."""
+    import train
+    from blt import BLT
+    from patching import calibrate_threshold
+
+    device = torch.device("cuda" if preset_name == "gpu" else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    preset = train.PRESETS[preset_name]
+    tc = train.TrainConfig(**{**preset["entropy_train" if model_kind == "entropy" else "train"], "dtype": dtype})
+    torch.manual_seed(0)
+    blt_cfg = preset["blt"]()
+    if model_kind == "entropy":
+        config = train.ByteLMConfig.of_entropy_model(blt_cfg)
+        model, kind = config.build(), "entropy"
+    elif model_kind == "byte":
+        config = train.ByteLMConfig(**preset["byte"])
+        model, kind = config.build(), "byte"
+    else:
+        config, kind = blt_cfg, "blt"
+        model = BLT(config)
+    corpus = np.random.default_rng(0).integers(0, 256, size=1 << 22, dtype=np.uint8)
+    model.to(device)
+    if kind == "blt":  # an untrained entropy model, its threshold calibrated to the preset's patch size
+        x, _ = train.get_batch(corpus, tc.batch_size, tc.seq_len, 0, 10 ** 6)
+        config.entropy_threshold = calibrate_threshold(model.entropy_model.entropies(x.to(device)).cpu(), config.patch_size)
+    stage = train.Stage(kind, model_kind, model, config, tc, device, compile_model=preset["compile"] and device.type == "cuda")
+    optimizer = train.make_optimizer(model, tc, device)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    times, patch_sizes = [], []
+    for i in range(steps + 2):  # the first two steps warm up (allocations, compilation)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        x, y = train.get_batch(corpus, tc.batch_size, tc.seq_len, 0, i)
+        x, y = train.to_device(x, device), train.to_device(y, device)
+        loss = stage.loss(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        optimizer.step()
+        loss.item()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+        if kind == "blt" and i == 0:
+            lengths = model.patch(x)
+            patch_sizes.append(float(lengths.sum()) / float((lengths > 0).sum()))
+    step_time = float(np.median(times))
+    bytes_per_s = tc.batch_size * tc.seq_len / step_time
+    flops = stage.flops(patch_sizes[0] if patch_sizes else None)
+    flops_per_byte = flops["train_flops_per_byte"] + flops.get("entropy_forward_flops_per_byte", 0.0)
+    if device.type == "cuda":
+        peak_memory = torch.cuda.max_memory_allocated()
+    else:
+        import resource
+        peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return {"preset": preset_name, "model": model_kind, "dtype": dtype, "bytes_per_s": bytes_per_s,
+            "flops_per_s": flops_per_byte * bytes_per_s, "mflop_per_byte": flops_per_byte / 1e6,
+            "step_s": step_time, "peak_memory": peak_memory, "threads": torch.get_num_threads(),
+            "batch": f"{tc.batch_size}x{tc.seq_len}", "patch_size": patch_sizes[0] if patch_sizes else None}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=("cpu", "gpu"), action="append", help="default: cpu, plus gpu with CUDA")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per model (default: 5 on CPU, 20 on GPU)")
+    p.add_argument("--one", nargs=3, metavar=("PRESET", "MODEL", "DTYPE"), help=argparse.SUPPRESS)  # a child run
+    args = p.parse_args(argv)
+    if args.one:
+        print(json.dumps(measure(*args.one, steps=args.steps or 5)))
+        return
+    presets = args.preset or (["cpu", "gpu"] if torch.cuda.is_available() else ["cpu"])
+    for preset in presets:
+        device = torch.device("cuda" if preset == "gpu" else "cpu")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            sys.exit("error: the gpu preset needs CUDA")
+        peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
+        print(f"\npreset {preset} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} "
+              f"({torch.get_num_threads()} threads): matmul peak fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s, "
+              f"bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s")
+        print(f"{'model':8s} {'dtype':5s} {'batch':>9s} {'patch':>5s} {'bytes/s':>10s} {'MFLOP/byte':>10s} "
+              f"{'GFLOP/s':>9s} {'of peak':>7s} {'peak mem':>9s}")
+        rates = {}
+        for model in ("entropy", "blt", "byte"):
+            for dtype in ("bf16", "fp32"):
+                steps = args.steps or (20 if device.type == "cuda" else 5)
+                cmd = [sys.executable, os.path.abspath(__file__), "--one", preset, model, dtype, "--steps", str(steps)]
+                result = subprocess.run(cmd, capture_output=True, text=True)
+                if result.returncode != 0:
+                    print(f"{model:8s} {dtype:5s} failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+                    continue
+                r = json.loads(result.stdout.strip().splitlines()[-1])
+                rates[model, dtype] = r["bytes_per_s"]
+                patch = f"{r['patch_size']:.2f}" if r["patch_size"] else "-"
+                print(f"{model:8s} {dtype:5s} {r['batch']:>9s} {patch:>5s} {r['bytes_per_s']:>10,.0f} "
+                      f"{r['mflop_per_byte']:>10.2f} {r['flops_per_s'] / 1e9:>9.1f} "
+                      f"{r['flops_per_s'] / peaks[dtype]:>7.1%} {r['peak_memory'] / 2 ** 20:>7,.0f} MB", flush=True)
+        for model in ("entropy", "blt", "byte"):
+            if (model, "bf16") in rates and (model, "fp32") in rates:
+                print(f"bf16 / fp32 training speed, {model}: {rates[model, 'bf16'] / rates[model, 'fp32']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
