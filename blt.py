@@ -58,6 +58,8 @@ class BLTConfig:
     # shared
     multiple_of: int = 256  # SwiGLU hidden width rounding (Llama convention)
     norm_eps: float = 1e-5
+    dropout: float = 0.0  # training only: local embeddings and every residual branch of the encoder, global
+    #                       model and decoder (0 as released; a corpus of a few MB is seen many times and needs it)
 
     def __post_init__(self):
         self.hash_ngram_sizes = tuple(self.hash_ngram_sizes)

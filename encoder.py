@@ -62,7 +62,9 @@ class LocalEncoder(nn.Module):
             nn.Embedding(cfg.hash_buckets, D) for _ in range(cfg.hash_functions * len(self.hash_sizes))
         )
         hidden = swiglu_hidden_dim(D, cfg.multiple_of)
-        self.layers = nn.ModuleList(TransformerBlock(D, cfg.local_heads, hidden, cfg.norm_eps) for _ in range(cfg.encoder_layers))
+        self.layers = nn.ModuleList(TransformerBlock(D, cfg.local_heads, hidden, cfg.norm_eps, cfg.dropout)
+                                    for _ in range(cfg.encoder_layers))
+        self.dropout = nn.Dropout(cfg.dropout)  # on the summed embeddings: the hash tables memorise a small corpus
         self.patch_projection = nn.Linear(D, self.k * D, bias=False)  # pooled patch -> k query vectors
         self.cross_attn = CrossAttention(D, cfg.local_heads, cfg.norm_eps)
 
@@ -105,6 +107,6 @@ class LocalEncoder(nn.Module):
     def forward(self, tokens: torch.Tensor, patch_lengths: torch.Tensor):
         """tokens: (B, T) ids, patch_lengths: (B, P) -> byte states (B, T, D), patches (B, P, k * D)."""
         T = tokens.shape[1]
-        h = self.byte_layers(self.embed(tokens), torch.arange(T, device=tokens.device))
+        h = self.byte_layers(self.dropout(self.embed(tokens)), torch.arange(T, device=tokens.device))
         patch_ids = patch_ids_from_lengths(patch_lengths, T)  # (B, T)
         return h, self.pool(h, patch_ids, patch_lengths.shape[1])

@@ -35,12 +35,12 @@ class EntropyModel(nn.Module):
     """Causal byte LM. forward(tokens) -> logits (B, T, V); entropies(tokens) -> (B, T) nats."""
 
     def __init__(self, dim: int, n_layers: int, n_heads: int, window: int | None = None,
-                 rope_theta: float = 10000.0, multiple_of: int = 256, eps: float = 1e-5):
+                 rope_theta: float = 10000.0, multiple_of: int = 256, eps: float = 1e-5, dropout: float = 0.0):
         super().__init__()
         self.window, self.rope_theta, self.head_dim = window, rope_theta, dim // n_heads
         self.tok_embeddings = nn.Embedding(VOCAB_SIZE, dim)
         hidden = swiglu_hidden_dim(dim, multiple_of)
-        self.layers = nn.ModuleList(TransformerBlock(dim, n_heads, hidden, eps) for _ in range(n_layers))
+        self.layers = nn.ModuleList(TransformerBlock(dim, n_heads, hidden, eps, dropout) for _ in range(n_layers))
         self.norm = RMSNorm(dim, eps)
         self.output = nn.Linear(dim, VOCAB_SIZE, bias=False)
 

@@ -25,7 +25,8 @@ class GlobalTransformer(nn.Module):
         self.rope_theta, self.head_dim = cfg.rope_theta, D // cfg.global_heads
         self.input_projection = nn.Linear(D_in, D, bias=False) if D_in != D else None
         hidden = swiglu_hidden_dim(D, cfg.multiple_of)
-        self.layers = nn.ModuleList(TransformerBlock(D, cfg.global_heads, hidden, cfg.norm_eps) for _ in range(cfg.global_layers))
+        self.layers = nn.ModuleList(TransformerBlock(D, cfg.global_heads, hidden, cfg.norm_eps, cfg.dropout)
+                                    for _ in range(cfg.global_layers))
 
     def forward(self, patches: torch.Tensor, caches=None, start: int = 0) -> torch.Tensor:
         """patches: (B, P, k * D_E) -> global outputs o: (B, P, D_G).

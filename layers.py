@@ -149,18 +149,21 @@ def swiglu_hidden_dim(dim: int, multiple_of: int = 256, ffn_dim_multiplier: floa
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: x + attention(norm(x)), then x + feed_forward(norm(x))."""
+    """Pre-norm block: x + attention(norm(x)), then x + feed_forward(norm(x)).
 
-    def __init__(self, dim: int, n_heads: int, hidden_dim: int, eps: float = 1e-5):
+    dropout (on each residual branch, training only) is 0 in the released models; small corpora need it."""
+
+    def __init__(self, dim: int, n_heads: int, hidden_dim: int, eps: float = 1e-5, dropout: float = 0.0):
         super().__init__()
         self.attention_norm = RMSNorm(dim, eps)
         self.attention = Attention(dim, n_heads)
         self.ffn_norm = RMSNorm(dim, eps)
         self.feed_forward = FeedForward(dim, hidden_dim)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x, mask, cos, sin, cache: KVCache | None = None, positions=None):
-        x = x + self.attention(self.attention_norm(x), mask, cos, sin, cache, positions)
-        return x + self.feed_forward(self.ffn_norm(x))
+        x = x + self.dropout(self.attention(self.attention_norm(x), mask, cos, sin, cache, positions))
+        return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
 
 
 class CrossAttention(nn.Module):

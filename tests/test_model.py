@@ -141,4 +141,21 @@ def test_config_round_trip_and_errors():
     with pytest.raises(ValueError, match="unknown patching scheme"):
         BLTConfig(patching="bpe")
     with pytest.raises(ValueError, match="unknown fields"):
-        BLTConfig.from_dict({**cfg.to_dict(), "dropout": 0.1})
+        BLTConfig.from_dict({**cfg.to_dict(), "attention_bias": True})
+
+
+def test_dropout_acts_in_training_only():
+    """dropout > 0 perturbs a training forward; in eval mode the model equals the same weights without
+    dropout (so generation, parity and the released weights are unaffected)."""
+    torch.manual_seed(0)
+    with_dropout = BLT(small_config("strided", dropout=0.3))
+    plain = BLT(small_config("strided"))
+    plain.load_state_dict(with_dropout.state_dict())  # dropout adds no weights
+    tokens = torch.randint(4, 260, (2, 40))
+    lengths = with_dropout.patch(tokens)
+    with_dropout.train()
+    a, b = with_dropout(tokens, patch_lengths=lengths), with_dropout(tokens, patch_lengths=lengths)
+    assert (a - b).abs().max() > 1e-3
+    with_dropout.eval()
+    plain.eval()
+    torch.testing.assert_close(with_dropout(tokens, patch_lengths=lengths), plain(tokens, patch_lengths=lengths))
