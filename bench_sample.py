@@ -3,7 +3,10 @@
     python bench_sample.py                          # a random cpu_tiny BLT (no checkpoint needed)
     python bench_sample.py --checkpoint out/blt.pt  # a trained model
 
-Prints a table; the ratio column is what to compare (machines are shared and noisy).
+Prints a table; the ratio column is what to compare (machines are shared and noisy). Naive generation of n
+bytes costs n full forwards over prefixes 1..n; above --naive-max it is not run in full but estimated, marked
+"est.": one naive step is timed at --naive-samples prefix lengths spread evenly over 1..n (on the bytes the
+incremental run generated), and the mean step time stands for every step.
 """
 import argparse
 import time
@@ -12,14 +15,15 @@ import torch
 
 from blt import BLT, cpu_tiny
 from patching import average_patch_size, tokenize
-from sample import generate, load_blt
+from sample import generate, load_blt, naive_logits
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", help="a BLT checkpoint; default: random cpu_tiny with strided patches")
     p.add_argument("--lengths", default="256,1024,4096", help="bytes to generate")
-    p.add_argument("--naive-max", type=int, default=1024, help="skip naive runs longer than this (slow)")
+    p.add_argument("--naive-max", type=int, default=1024, help="estimate naive runs longer than this (slow)")
+    p.add_argument("--naive-samples", type=int, default=16, help="prefix lengths timed for an estimate")
     args = p.parse_args()
     torch.set_num_threads(2)
     if args.checkpoint:
@@ -37,12 +41,21 @@ def main():
         inc = n / (time.perf_counter() - t0)
         steps = state.global_steps / state.t
         inv_patch = 1 / average_patch_size(model.patch(tokens[:, :-1]))
-        naive_s = speed = "-"
         if n <= args.naive_max:
             t0 = time.perf_counter()
             generate(model, b"", n, temperature=1.0, seed=0, stop_at_eos=False, naive=True)
             naive = n / (time.perf_counter() - t0)
             naive_s, speed = f"{naive:.0f}", f"{inc / naive:.1f}x"
+        else:
+            step_times = []
+            with torch.no_grad():
+                for i in range(args.naive_samples):
+                    length = 1 + (2 * i + 1) * n // (2 * args.naive_samples)  # midpoints of equal slices
+                    t0 = time.perf_counter()
+                    naive_logits(model, tokens[:, :length])
+                    step_times.append(time.perf_counter() - t0)
+            naive = 1 / (sum(step_times) / len(step_times))
+            naive_s, speed = f"{naive:.0f} est.", f"{inc / naive:.1f}x"
         print(f"{n:>6} {inc:>16.0f} {naive_s:>10} {speed:>9} {steps:>18.3f} {inv_patch:>12.3f}")
 
 

@@ -314,13 +314,15 @@ def ids_from_bytes(windows: np.ndarray) -> torch.Tensor:
     return torch.cat([torch.full((ids.shape[0], 1), BOS_ID, dtype=torch.int64), ids], dim=1)
 
 
-def get_batch(data: np.ndarray, batch_size: int, seq_len: int, seed: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def get_batch(data: np.ndarray, batch_size: int, seq_len: int, seed: int, index: int,
+              rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch number `index` of a run: B random windows of T bytes -> inputs (B, T), targets (B, T).
 
     inputs = [BOS, b_0, ..., b_{T-2}], targets = [b_0, ..., b_{T-1}] (as ids). The same (seed, index) always
-    gives the same batch, so a resumed run sees the batches the uninterrupted run would have."""
+    gives the same batch, so a resumed run sees the batches the uninterrupted run would have. `rows` reads
+    only some windows of that batch: a distributed rank's share (the window starts do not depend on it)."""
     rng = np.random.default_rng([seed, index])
-    starts = rng.integers(0, len(data) - seq_len + 1, size=batch_size)
+    starts = rng.integers(0, len(data) - seq_len + 1, size=batch_size)[rows]
     windows = np.stack([data[s : s + seq_len] for s in starts])  # (B, T) uint8
     ids = ids_from_bytes(windows)  # (B, T + 1)
     return ids[:, :-1], ids[:, 1:]

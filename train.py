@@ -106,6 +106,7 @@ class ByteLMConfig:
     rope_theta: float = 10000.0
     multiple_of: int = 256  # SwiGLU hidden width rounding
     norm_eps: float = 1e-5
+    dropout: float = 0.0  # training only (the byte baseline, to match a BLT trained with dropout)
 
     @classmethod
     def of_entropy_model(cls, cfg: BLTConfig) -> "ByteLMConfig":
@@ -113,7 +114,8 @@ class ByteLMConfig:
                    cfg.entropy_rope_theta, cfg.multiple_of, cfg.norm_eps)
 
     def build(self) -> EntropyModel:
-        return EntropyModel(self.dim, self.layers, self.heads, self.window, self.rope_theta, self.multiple_of, self.norm_eps)
+        return EntropyModel(self.dim, self.layers, self.heads, self.window, self.rope_theta, self.multiple_of,
+                            self.norm_eps, self.dropout)
 
 
 @dataclass
@@ -151,6 +153,88 @@ class Interrupted(Exception):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + signum if signum else 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Several processes (torchrun): DistributedDataParallel
+# ---------------------------------------------------------------------------------------------------------
+
+class Distributed:
+    """torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE) -> a process group; in one process every method is
+    a no-op, so the training loop reads the same either way.
+
+    Each optimizer step consumes one global batch of `batch_size` windows (data.get_batch, fixed by seed and
+    step). Rank r reads rows [r * B / N, (r + 1) * B / N) of it, in micro-batches; DDP averages the gradients.
+    So N processes take the same steps as one process with the same --batch-size, up to float summation order."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = self.world > 1
+        self.main = self.rank == 0
+        self.device = torch.device("cpu")  # where the small reductions below live (NCCL needs CUDA tensors)
+
+    def start(self, device: torch.device):
+        if not self.enabled:
+            return
+        import torch.distributed as dist
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend)
+        if dist.get_world_size() != self.world:
+            raise UsageError(f"WORLD_SIZE is {self.world} but the process group has {dist.get_world_size()} ranks")
+        self.device = device
+
+    def stop(self):
+        if self.enabled:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    def rows(self, batch_size: int) -> slice:
+        """This rank's share of a global batch of batch_size windows."""
+        share = batch_size // self.world
+        return slice(self.rank * share, (self.rank + 1) * share)
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if not self.enabled:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def barrier(self):
+        if self.enabled:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def _reduce(self, values: list[float], op) -> list[float]:
+        if not self.enabled:
+            return values
+        import torch.distributed as dist
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=op)
+        return t.tolist()
+
+    def sum(self, values: list[float]) -> list[float]:
+        import torch.distributed as dist
+        return self._reduce(values, dist.ReduceOp.SUM if self.enabled else None)
+
+    def max(self, values: list[float]) -> list[float]:
+        """Every rank gets the largest value: used to agree on when to stop (the clock, a signal)."""
+        import torch.distributed as dist
+        return self._reduce(values, dist.ReduceOp.MAX if self.enabled else None)
+
+
+DIST = Distributed()
+
+
+def say(*args, **kwargs):
+    """print on rank 0 only."""
+    if DIST.main:
+        print(*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -289,8 +373,14 @@ class Stage:
 
     def __init__(self, kind: str, name: str, model: torch.nn.Module, config, tc: TrainConfig, device, compile_model: bool):
         self.kind, self.name, self.model, self.config, self.tc, self.device = kind, name, model, config, tc, device
-        self.compiled = torch.compile(model) if compile_model else model
+        self.compile_model = compile_model
         self.pad_to = 16 if compile_model else 1
+        self.compiled = model
+
+    def prepare(self):
+        """Once the weights are on the device and loaded: wrap for DDP (several processes), then compile."""
+        wrapped = DIST.wrap(self.model)
+        self.compiled = torch.compile(wrapped) if self.compile_model else wrapped
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.kind == "blt":
@@ -300,13 +390,23 @@ class Stage:
         with autocast(self.device, self.tc.dtype):
             return self.compiled(x, y)[1]
 
+    def no_sync(self):
+        """DDP: skip the gradient all-reduce on all but the last micro-batch of a step."""
+        return self.model_ddp.no_sync() if DIST.enabled else nullcontext()
+
+    @property
+    def model_ddp(self):
+        return getattr(self.compiled, "_orig_mod", self.compiled)
+
     @torch.no_grad()
     def evaluate(self, val: np.ndarray, max_bytes: int | None = None) -> dict:
         """Bits per byte over val[:max_bytes] in fixed windows; for BLT also the average patch size."""
         model = self.model
         model.eval()
         nats, n_bytes, positions, patches = 0.0, 0, 0, 0
-        for x, y in eval_windows(val, self.tc.seq_len, self.tc.batch_size, max_bytes):
+        for i, (x, y) in enumerate(eval_windows(val, self.tc.seq_len, self.tc.batch_size, max_bytes)):
+            if i % DIST.world != DIST.rank:  # several processes: each evaluates every N-th batch
+                continue
             x, y = to_device(x, self.device), to_device(y, self.device)
             with autocast(self.device, self.tc.dtype):
                 if self.kind == "blt":
@@ -318,6 +418,8 @@ class Stage:
             nats += F.cross_entropy(logits.float().reshape(-1, VOCAB_SIZE), y.reshape(-1), reduction="sum").item()
             n_bytes += y.numel()
         model.train()
+        nats, n_bytes, positions, patches = DIST.sum([nats, n_bytes, positions, patches])
+        n_bytes = int(n_bytes)
         out = {"val_bpb": bits_per_byte(nats, n_bytes), "val_bytes": n_bytes}
         if self.kind == "blt":
             out["patch_size"] = positions / patches
@@ -419,7 +521,11 @@ def train_stage(stage: Stage, corpus, ckpt_path: Path, steps: int, time_budget: 
     Without a time budget the run takes `steps` steps and the schedule follows the step count: a resumed run
     replays the uninterrupted one exactly. With a budget the schedule follows the clock instead (progress =
     time spent / time available for training, after reserving time for the final evaluation), so a slow
-    patch of the machine costs steps but never overruns the budget."""
+    patch of the machine costs steps but never overruns the budget.
+
+    Under torchrun every rank runs this loop on its share of each batch; after every step the ranks agree on
+    the clock and on a pending signal (the largest value wins), so they stop at the same step. Rank 0 alone
+    writes the checkpoint, the metrics log and the figure."""
     model, tc, device = stage.model, stage.tc, stage.device
     model.to(device)
     optimizer = make_optimizer(model, tc, device)
@@ -431,9 +537,14 @@ def train_stage(stage: Stage, corpus, ckpt_path: Path, steps: int, time_budget: 
         set_rng_state(resume["rng"])
         step, elapsed_before, metrics = resume["step"], resume["elapsed"], resume["metrics"]
         steps, time_budget = resume["steps"], resume["time_budget"]
-    bytes_per_step = tc.batch_size * tc.seq_len
+    stage.prepare()
+    rows = DIST.rows(tc.batch_size)  # this rank's windows of every global batch
+    micro = opts.micro_batch_size or (rows.stop - rows.start)
+    accumulate = (rows.stop - rows.start) // micro  # micro-batches per step on this rank
+    bytes_per_step = tc.batch_size * tc.seq_len  # the global batch: what every step consumes, whatever N is
     n_final = min(len(corpus.val), opts.final_eval_bytes or len(corpus.val))
-    log = MetricsLog(ckpt_path.with_suffix(".jsonl"), step if resume is not None else None)
+    log = MetricsLog(ckpt_path.with_suffix(".jsonl"), step if resume is not None else None) if DIST.main else None
+    write = log.write if log else (lambda record: None)
     start = time.time() - elapsed_before
     eval_rate = None  # validation bytes per second, measured at the first periodic evaluation
 
@@ -447,11 +558,13 @@ def train_stage(stage: Stage, corpus, ckpt_path: Path, steps: int, time_budget: 
         return (time.time() - start) / max(1e-3, time_budget - reserve)
 
     def checkpoint(done: bool):
-        atomic_save({"format": CHECKPOINT_FORMAT, "kind": stage.kind, "config": asdict(stage.config), "train": asdict(tc),
-                     "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                     "steps": steps, "done": done, "rng": rng_state(),
-                     "data": {"seed": tc.seed, "batches": step}, "elapsed": time.time() - start,
-                     "time_budget": time_budget, "metrics": metrics}, ckpt_path)
+        if DIST.main:
+            atomic_save({"format": CHECKPOINT_FORMAT, "kind": stage.kind, "config": asdict(stage.config),
+                         "train": asdict(tc), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "step": step, "steps": steps, "done": done, "rng": rng_state(),
+                         "data": {"seed": tc.seed, "batches": step}, "elapsed": time.time() - start,
+                         "time_budget": time_budget, "metrics": metrics}, ckpt_path)
+        DIST.barrier()  # no rank leaves (or reads the file) before it is complete
 
     def eval_record(max_bytes):
         result = stage.evaluate(corpus.val, max_bytes)
@@ -462,28 +575,41 @@ def train_stage(stage: Stage, corpus, ckpt_path: Path, steps: int, time_budget: 
     model.train()
     try:
         with StopSignal() as stop:
-            while progress() < 1.0:
+            def agreed() -> tuple[float, int]:
+                """(progress, pending signal number or 0), the same on every rank."""
+                p, signum = DIST.max([progress(), float(stop.signum or 0)])
+                return p, int(signum)
+
+            p, signum = agreed()
+            while p < 1.0:
                 t0 = time.time()
-                lr = lr_at(step, tc, progress())
+                lr = lr_at(step, tc, p)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                x, y = get_batch(corpus.train, tc.batch_size, tc.seq_len, tc.seed, step)
-                loss = stage.loss(to_device(x, device), to_device(y, device))
+                x, y = get_batch(corpus.train, tc.batch_size, tc.seq_len, tc.seed, step, rows)
+                x, y = to_device(x, device), to_device(y, device)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss_sum = 0.0
+                for i in range(accumulate):  # gradient accumulation: the global batch stays batch_size windows
+                    part = slice(i * micro, (i + 1) * micro)
+                    with stage.no_sync() if i < accumulate - 1 else nullcontext():
+                        loss = stage.loss(x[part], y[part]) / accumulate
+                        loss.backward()
+                    loss_sum = loss_sum + loss.detach()
                 torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
                 optimizer.step()
                 step += 1
-                last = progress() >= 1.0
+                p, signum = agreed()
+                last = p >= 1.0
                 if step % opts.log_interval == 0 or last:
-                    loss_value = loss.item()
+                    loss_value = DIST.sum([loss_sum.item()])[0] / DIST.world  # mean over the global batch
                     if not math.isfinite(loss_value):
                         raise TrainingError(f"{stage.name}: loss became {loss_value} at step {step}; the last good "
                                             f"checkpoint {ckpt_path} was kept (try a lower --lr)")
                     rate = bytes_per_step / max(time.time() - t0, 1e-9)
-                    log.write({"type": "train", "step": step, "bytes": step * bytes_per_step,
-                               "time": time.time() - start, "lr": lr, "loss": loss_value,
-                               "bpb": loss_value / math.log(2), "bytes_per_s": rate})
+                    write({"type": "train", "step": step, "bytes": step * bytes_per_step,
+                           "time": time.time() - start, "lr": lr, "loss": loss_value,
+                           "bpb": loss_value / math.log(2), "bytes_per_s": rate})
                     bar.set_postfix(loss=f"{loss_value:.3f}", bpb=f"{loss_value / math.log(2):.3f}",
                                     bytes_s=f"{rate:,.0f}", refresh=False)
                 bar.update(1)
@@ -491,34 +617,38 @@ def train_stage(stage: Stage, corpus, ckpt_path: Path, steps: int, time_budget: 
                     t_eval = time.time()
                     metrics = eval_record(opts.eval_bytes)
                     eval_rate = metrics["val_bytes"] / max(1e-3, time.time() - t_eval)
-                    log.write(metrics)
+                    write(metrics)
                     bar.set_postfix(loss=f"{loss_value:.3f}", val_bpb=f"{metrics['val_bpb']:.3f}", refresh=False)
                     if opts.checkpoint_interval and step % opts.checkpoint_interval == 0:
                         checkpoint(done=False)
-                if (stop.signum is not None or step == opts.stop_at) and not last:
+                if (signum or step == opts.stop_at) and not last:
                     checkpoint(done=False)
-                    why = signal.Signals(stop.signum).name if stop.signum else f"--stop-at {opts.stop_at}"
+                    why = signal.Signals(signum).name if signum else f"--stop-at {opts.stop_at}"
                     bar.close()
-                    log.close()
-                    plot_curves([log.path], ckpt_path.with_suffix(".png"), f"{stage.name} (stopped at step {step})")
+                    if log:
+                        log.close()
+                        plot_curves([log.path], ckpt_path.with_suffix(".png"), f"{stage.name} (stopped at step {step})")
                     raise Interrupted(f"{stage.name}: stopped by {why} at step {step}; checkpoint saved to "
-                                      f"{ckpt_path}; continue with --resume", stop.signum or 0)
+                                      f"{ckpt_path}; continue with --resume", signum)
         bar.close()
         metrics = eval_record(n_final)
         metrics["steps"] = step
         metrics["stage_seconds"] = time.time() - start
-        log.write(metrics)
+        write(metrics)
         checkpoint(done=True)
     finally:
         bar.close()
-        log.close()
-    plot_curves([log.path], ckpt_path.with_suffix(".png"), stage.name)
+        if log:
+            log.close()
+    if log:
+        plot_curves([log.path], ckpt_path.with_suffix(".png"), stage.name)
     return metrics
 
 
 def tqdm_bar(name: str, step: int, total: int | None):
     from tqdm import tqdm
-    return tqdm(total=total, initial=step, desc=name, unit="step", dynamic_ncols=True, mininterval=1.0)
+    return tqdm(total=total, initial=step, desc=name, unit="step", dynamic_ncols=True, mininterval=1.0,
+                disable=not DIST.main)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -548,14 +678,15 @@ def run_stage(kind: str, name: str, config, make_model, tc: TrainConfig, steps: 
     ckpt_path = out / f"{name}.pt"
     resume = start_or_resume(ckpt_path, kind, asdict(config), tc, opts)
     if resume is not None and resume["done"]:
-        print(f"{name}: already trained ({resume['step']} steps) in {ckpt_path}, skipping")
+        say(f"{name}: already trained ({resume['step']} steps) in {ckpt_path}, skipping")
         return resume["metrics"]
     torch.manual_seed(tc.seed)  # the same initial weights on every run with this seed
     model = make_model()
     params = count_parameters(model)
-    print(f"{name}: {describe}; parameters {', '.join(f'{k} {v:,}' for k, v in params.items() if v)}; "
-          f"{tc.batch_size} x {tc.seq_len} bytes per step"
-          + (f"; resuming at step {resume['step']}" if resume is not None else ""))
+    say(f"{name}: {describe}; parameters {', '.join(f'{k} {v:,}' for k, v in params.items() if v)}; "
+        f"{tc.batch_size} x {tc.seq_len} bytes per step"
+        + (f"; resuming at step {resume['step']}" if resume is not None else "")
+        + (f"; {DIST.world} processes" if DIST.enabled else ""))
     stage = Stage(kind, name, model, config, tc, opts.device, opts.compile)
     metrics = train_stage(stage, corpus, ckpt_path, steps, time_budget, resume, opts)
     summary = f"{name}: val {metrics['val_bpb']:.4f} bpb over {metrics['val_bytes']:,} bytes"
@@ -563,7 +694,7 @@ def run_stage(kind: str, name: str, config, make_model, tc: TrainConfig, steps: 
         summary += f" | avg patch {metrics['patch_size']:.2f} bytes"
     summary += (f" | {metrics['train_flops_per_byte'] / 1e6:.1f} MFLOP/byte train"
                 f" | {metrics['steps']} steps in {metrics['stage_seconds']:.0f} s")
-    print(summary)
+    say(summary)
     return metrics
 
 
@@ -591,8 +722,10 @@ def calibrate(entropy_cfg: ByteLMConfig, blt_cfg: BLTConfig, tc: TrainConfig, co
               "patch_size_on_train_sample": achieved, "windows": opts.calibration_windows, "seq_len": tc.seq_len,
               "max_patch_length": blt_cfg.max_patch_length, "entropy_model": asdict(entropy_cfg),
               "entropy_model_step": ckpt["step"], "mean_entropy_nats": float(entropies.mean())}
-    atomic_write_text(out / "calibration.json", json.dumps(result, indent=1) + "\n")
-    print(f"calibrate: {blt_cfg.patching} threshold {theta:.4f} nats gives {achieved:.2f} bytes per patch on "
+    if DIST.main:  # every rank computed the same threshold; one writes it
+        atomic_write_text(out / "calibration.json", json.dumps(result, indent=1) + "\n")
+    DIST.barrier()
+    say(f"calibrate: {blt_cfg.patching} threshold {theta:.4f} nats gives {achieved:.2f} bytes per patch on "
           f"{opts.calibration_windows} training windows (target {blt_cfg.patch_size})")
     return result
 
@@ -650,7 +783,11 @@ def parse_args(argv=None):
                    help="wall-clock budget for the whole command; the schedules follow the clock")
     p.add_argument("--steps", type=int, default=None, help="training steps of the main model")
     p.add_argument("--entropy-steps", type=int, default=None, help="training steps of the entropy model")
-    p.add_argument("--batch-size", type=int, default=None, help="windows per step of the main model")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="windows per optimizer step of the main model (the global batch, over all processes)")
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="windows per forward/backward in one process; the rest of the batch is gradient "
+                        "accumulation (default: batch size / processes)")
     p.add_argument("--seq-len", type=int, default=None, help="bytes per window of the main model")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate of the main model")
     p.add_argument("--entropy-lr", type=float, default=None, help="peak learning rate of the entropy model")
@@ -673,26 +810,34 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    global DIST
     args = parse_args(argv)
+    DIST = Distributed()  # from torchrun's environment; one process without it
     try:
         run(args)
     except (DataError, UsageError, CheckpointError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}" if DIST.main else f"error (rank {DIST.rank}): {e}", file=sys.stderr)
         return 1
     except Interrupted as e:
-        print(str(e), file=sys.stderr)
+        if DIST.main:
+            print(str(e), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        DIST.stop()
     return 0
 
 
 def run(args):
     t_start = time.time()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    default_device = (f"cuda:{DIST.local_rank}" if DIST.enabled else "cuda") if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device or default_device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: CUDA is not available here")
+    if DIST.enabled and args.device and device.type == "cuda":
+        raise UsageError("under torchrun each process takes the GPU of its LOCAL_RANK; drop --device")
     preset_name = args.preset or ("gpu" if device.type == "cuda" else "cpu")
     preset = PRESETS[preset_name]
     if args.threads:
@@ -721,10 +866,9 @@ def run(args):
         final_eval_bytes=args.final_eval_bytes, log_interval=args.log_interval or preset["log_interval"],
         checkpoint_interval=args.checkpoint_interval or args.eval_interval or preset["eval_interval"],
         calibration_windows=args.calibration_windows, resume=args.resume, overwrite=args.overwrite,
-        stop_at=args.stop_at)
+        stop_at=args.stop_at, micro_batch_size=args.micro_batch_size)
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other")
-
     if args.model == "byte":
         stages = ["byte"]
     elif args.stage == "all":
@@ -733,12 +877,25 @@ def run(args):
         stages = [args.stage]
     if "calibrate" in stages and blt_cfg.patching not in ("entropy", "monotonic"):
         raise UsageError(f"--stage calibrate needs entropy or monotonic patching, not {blt_cfg.patching}")
+    trained = [("--batch-size", tc)] if {"blt", "byte"} & set(stages) else []
+    trained += [("the entropy model's batch size", entropy_tc)] if "entropy" in stages else []
+    for what, t in trained:
+        per_rank = t.batch_size // DIST.world
+        if t.batch_size % DIST.world or (args.micro_batch_size and per_rank % args.micro_batch_size):
+            raise UsageError(f"{what} {t.batch_size} must split evenly into {DIST.world} processes"
+                             + (f" x micro-batches of {args.micro_batch_size}" if args.micro_batch_size else ""))
+    DIST.start(device)
 
+    if not DIST.main:
+        DIST.barrier()  # rank 0 downloads and prepares a named corpus first; the others then read its cache
     corpus = load_corpus(args.data, min_bytes=max(tc.seq_len, entropy_tc.seq_len))
+    if DIST.main:
+        DIST.barrier()
     name = Path(args.data).stem if os.sep in args.data or Path(args.data).exists() else args.data
     out = Path(args.out or Path("out") / f"{name}-{preset_name}")
     out.mkdir(parents=True, exist_ok=True)
-    print(f"{corpus.describe()} | preset {preset_name} | device {device} | {torch.get_num_threads()} threads | out {out}")
+    say(f"{corpus.describe()} | preset {preset_name} | device {device} | {torch.get_num_threads()} threads"
+        + (f" x {DIST.world} processes" if DIST.enabled else "") + f" | out {out}")
 
     budget_left = lambda: None if args.time_budget is None else args.time_budget - (time.time() - t_start)  # noqa: E731
     steps = args.steps or preset["steps"]
@@ -771,9 +928,9 @@ def run(args):
         run_stage("byte", "byte", byte_cfg, byte_cfg.build, tc, steps, corpus, out, budget_left(), opts,
                   "plain byte-level transformer (no patches)")
     runs = sorted(out.glob("*.jsonl"))
-    if runs:
+    if runs and DIST.main:
         plot_curves(runs, out / "curves.png", f"{name}: validation bits per byte")
-    print(f"done in {time.time() - t_start:.0f} s; metrics, checkpoints and curves in {out}")
+    say(f"done in {time.time() - t_start:.0f} s; metrics, checkpoints and curves in {out}")
 
 
 if __name__ == "__main__":
