@@ -183,17 +183,23 @@ def load_blt(path: str) -> BLT:
     return model.eval()
 
 
-def show_patches(ids: list[int], starts: list[bool]) -> str:
-    """Colour the bytes of alternate patches (ANSI), decoding UTF-8 leniently."""
+def show_patches(ids: list[int], starts: list[bool], colour: bool = True) -> str:
+    """Mark patches: alternate background colours (ANSI) on a terminal, otherwise a "|" before every patch
+    start, so the boundaries survive a pipe or a file. UTF-8 is decoded leniently."""
     colours = ["\033[30;46m", "\033[30;43m"]
     out, patch, k = [], bytearray(), 0
+
+    def flush():
+        text = patch.decode("utf-8", "replace")
+        out.append(colours[k % 2] + text + "\033[0m" if colour else ("|" if out else "") + text)
+
     for i, s in zip(ids, starts):
         if s and patch:
-            out.append(colours[k % 2] + patch.decode("utf-8", "replace") + "\033[0m")
+            flush()
             patch, k = bytearray(), k + 1
         if i >= OFFSET:
             patch.append(i - OFFSET)
-    out.append(colours[k % 2] + patch.decode("utf-8", "replace") + "\033[0m")
+    flush()
     return "".join(out)
 
 
@@ -236,7 +242,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-stop-at-eos", action="store_true", help="keep going after EOS")
     p.add_argument("--naive", action="store_true", help="recompute everything for every byte (reference)")
-    p.add_argument("--show-patches", action="store_true", help="colour patches in the output (ANSI)")
+    p.add_argument("--show-patches", action="store_true", help="mark patch starts: colours on a terminal, '|' when piped")
     p.add_argument("--plot", help="write a PNG of per-byte entropy with the threshold (entropy schemes)")
     args = p.parse_args(argv)
 
@@ -279,7 +285,7 @@ def main(argv=None):
         ids = tokens[b].tolist()
         if args.show_patches and state is not None:
             starts = [True] + [bool(s[b]) for s in state.starts]  # position 0 (BOS) starts a patch
-            print(show_patches(ids[: len(starts)], starts))
+            print(show_patches(ids[: len(starts)], starts, colour=sys.stdout.isatty()))
         elif not stream:
             print(f"--- sample {b} ---")
             print(bytes(i - OFFSET for i in ids if i >= OFFSET).decode("utf-8", "replace"))

@@ -91,3 +91,12 @@ def test_cli_missing_and_mismatched_checkpoint(checkpoint, tmp_path):
     err = r.stderr.decode().strip()
     assert r.returncode != 0 and "does not match its config" in err and len(err.splitlines()) == 1
     assert "Traceback" not in err
+
+
+def test_show_patches_marks_every_patch_start():
+    from sample import show_patches
+    ids = tokenize("to be or".encode())
+    starts = [True, True, False, False, True, False, False, True, False]  # BOS | "to " | "be " | "or"
+    assert show_patches(ids, starts, colour=False) == "to |be |or"
+    coloured = show_patches(ids, starts, colour=True)
+    assert coloured.count("\033[0m") == 3 and "to " in coloured and "or" in coloured
