@@ -60,6 +60,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from blt import BLT, BLTConfig, bits_per_byte, byte_transformer_flops_per_byte, count_parameters  # noqa: E402
@@ -178,7 +179,6 @@ class Distributed:
     def start(self, device: torch.device):
         if not self.enabled:
             return
-        import torch.distributed as dist
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -188,10 +188,8 @@ class Distributed:
         self.device = device
 
     def stop(self):
-        if self.enabled:
-            import torch.distributed as dist
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
 
     def rows(self, batch_size: int) -> slice:
         """This rank's share of a global batch of batch_size windows."""
@@ -207,25 +205,21 @@ class Distributed:
 
     def barrier(self):
         if self.enabled:
-            import torch.distributed as dist
             dist.barrier()
 
-    def _reduce(self, values: list[float], op) -> list[float]:
+    def _reduce(self, values: list[float], op: str) -> list[float]:
         if not self.enabled:
             return values
-        import torch.distributed as dist
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=op)
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
         return t.tolist()
 
     def sum(self, values: list[float]) -> list[float]:
-        import torch.distributed as dist
-        return self._reduce(values, dist.ReduceOp.SUM if self.enabled else None)
+        return self._reduce(values, "SUM")
 
     def max(self, values: list[float]) -> list[float]:
         """Every rank gets the largest value: used to agree on when to stop (the clock, a signal)."""
-        import torch.distributed as dist
-        return self._reduce(values, dist.ReduceOp.MAX if self.enabled else None)
+        return self._reduce(values, "MAX")
 
 
 DIST = Distributed()
