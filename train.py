@@ -787,6 +787,7 @@ def parse_args(argv=None):
     p.add_argument("--entropy-lr", type=float, default=None, help="peak learning rate of the entropy model")
     p.add_argument("--entropy-seq-len", type=int, default=None, help="bytes per window for the entropy model")
     p.add_argument("--warmup-steps", type=int, default=None, help="warmup steps of the main model")
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay of the main model (default 0.1)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="autocast dtype (default bf16)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
     p.add_argument("--seed", type=int, default=0)
@@ -850,7 +851,8 @@ def run(args):
     entropy_cfg = ByteLMConfig.of_entropy_model(blt_cfg)
     seed = {"seed": args.seed}
     train = {k: v for k, v in dict(seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
-                                   warmup_steps=args.warmup_steps, dtype=args.dtype).items() if v is not None}
+                                   warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+                                   dtype=args.dtype).items() if v is not None}
     tc = TrainConfig(**{**preset["train"], **train, **seed})
     entropy_train = {k: v for k, v in dict(lr=args.entropy_lr, seq_len=args.entropy_seq_len, dtype=args.dtype).items() if v is not None}
     entropy_tc = TrainConfig(**{**preset["entropy_train"], **entropy_train, **seed})
