@@ -191,7 +191,10 @@ def show_patches(ids: list[int], starts: list[bool], colour: bool = True) -> str
 
     def flush():
         text = patch.decode("utf-8", "replace")
-        out.append(colours[k % 2] + text + "\033[0m" if colour else ("|" if out else "") + text)
+        if colour:
+            out.append(colours[k % 2] + text + "\033[0m")
+        else:
+            out.append(("|" if out else "") + text)
 
     for i, s in zip(ids, starts):
         if s and patch:

@@ -7,6 +7,7 @@
     python train.py --patching space         # BLT baselines: strided | space | entropy | monotonic
     python train.py --model byte             # a plain byte-level transformer of matching size -> OUT/byte.pt
     python train.py --data ../shared/data/tinyshakespeare.txt --time-budget 300
+    torchrun --standalone --nproc_per_node=N train.py ...   # DDP: N processes share each global batch
 
 Stage 1 trains the small causal byte LM of entropy_model.py on the training split. Stage 2 runs it, frozen,
 over windows of the training split and bisects the entropy threshold theta until the average patch size is
