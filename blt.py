@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from decoder import LocalDecoder, decoder_patch_ids
 from encoder import LocalEncoder
-from entropy_model import EntropyModel
+from entropy_model import ByteLMConfig
 from global_transformer import GlobalTransformer
 from layers import swiglu_hidden_dim
 from patching import VOCAB_SIZE, patch_lengths as compute_patch_lengths
@@ -104,16 +104,13 @@ def blt_1b(**overrides) -> BLTConfig:
     return BLTConfig(**{**base, **overrides})
 
 
-PRESETS = {"cpu_tiny": cpu_tiny, "one_gpu": one_gpu, "blt_1b": blt_1b}
-
-
 class BLT(nn.Module):
     def __init__(self, cfg: BLTConfig):
         super().__init__()
         self.cfg = cfg
         # The entropy model is trained separately (train.py stage 1) and frozen; it lives here so that one
         # checkpoint holds everything needed to patch and generate.
-        self.entropy_model = EntropyModel.from_config(cfg) if cfg.patching in ("entropy", "monotonic") else None
+        self.entropy_model = ByteLMConfig.of_blt(cfg).build() if cfg.patching in ("entropy", "monotonic") else None
         self.encoder = LocalEncoder(cfg)
         self.global_transformer = GlobalTransformer(cfg)
         self.decoder = LocalDecoder(cfg)

@@ -25,7 +25,7 @@ import torch.nn as nn
 from layers import CrossAttention, RMSNorm, TransformerBlock, causal_mask, rope_cos_sin, swiglu_hidden_dim
 from patching import VOCAB_SIZE, patch_ids_from_lengths
 
-# Released primes, one per hash function (BLT_NOTES section 4).
+# The released code's primes, one per hash function (paper section 3.2.1 leaves the hash's constants open).
 HASH_PRIMES = [1000000007, 5915587277, 1500450271, 3267000013, 5754853343, 4093082899,
                9576890767, 3628273133, 2860486313, 5463458053, 3367900313]
 

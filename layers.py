@@ -140,11 +140,9 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-def swiglu_hidden_dim(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
-    """Llama's SwiGLU width: 2/3 of 4*dim (same parameters as a 4x MLP), scaled, rounded up to multiple_of."""
+def swiglu_hidden_dim(dim: int, multiple_of: int = 256) -> int:
+    """Llama's SwiGLU width: 2/3 of 4*dim (same parameters as a 4x MLP), rounded up to multiple_of."""
     hidden = int(2 * 4 * dim / 3)
-    if ffn_dim_multiplier is not None:
-        hidden = int(ffn_dim_multiplier * hidden)
     return multiple_of * math.ceil(hidden / multiple_of)
 
 

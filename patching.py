@@ -39,7 +39,7 @@ Shapes: B = batch, T = input positions (bytes incl. BOS), P = patches (rows are 
 """
 import torch
 
-# Released byte-id convention (BLT_NOTES section 1).
+# The released models' byte ids: 4 special ids first, then the 256 bytes.
 PAD_ID = 0  # also "beginning of example" in the released code
 BOS_ID = 1
 EOS_ID = 2
@@ -76,7 +76,7 @@ def strided_patch_starts(tokens: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 def is_space_like(tokens: torch.Tensor) -> torch.Tensor:
-    """Space-like bytes (BLT_NOTES section 2): not an ASCII letter, not an ASCII digit, and not a UTF-8
+    """Space-like bytes (SpaceByte's rule, as in the released code; paper section 2.2): not an ASCII letter, not an ASCII digit, and not a UTF-8
     continuation byte (0x80-0xBF). So spaces, punctuation, control bytes and UTF-8 lead bytes are space-like.
     Special ids (BOS, EOS, pad) count as space-like: they are boundaries too."""
     b = tokens - OFFSET
@@ -214,8 +214,8 @@ def calibrate_threshold(
 ) -> float:
     """Find theta whose average patch size on these entropies hits target_patch_size (bisection).
 
-    Thresholds do not transfer between entropy models or corpora (BLT_NOTES section 2), so calibrate on the
-    training split. Larger theta -> fewer starts -> larger patches, so the average patch size is monotone
+    Thresholds do not transfer between entropy models or corpora (a threshold belongs to one entropy model
+    on one kind of text, paper section 2.3), so calibrate on the training split. Larger theta -> fewer starts -> larger patches, so the average patch size is monotone
     non-decreasing in theta and bisection applies.
 
     entropies: (B, T) entropies from the frozen entropy model on sample windows of the training split.

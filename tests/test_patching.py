@@ -27,7 +27,7 @@ def space_patches(text: str) -> list[bytes]:
 
 
 def test_worked_example_from_notes():
-    # BLT_NOTES section 2: entropies with theta 1.0 and the next-byte slot -> [1, 3, 4, 1]
+    # patching.py's worked example: entropies with theta 1.0 and the next-byte slot -> [1, 3, 4, 1]
     H = torch.tensor([[3.0, .1, .1, 2.0, .1, .1, .1, 2.0]])
     assert lengths_from_starts(entropy_patch_starts(H, 1.0)).tolist() == [[1, 3, 4, 1]]
 
