@@ -15,6 +15,8 @@ presets use.
 
 Shapes: B = batch, T = bytes, D = width, V = 260.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -31,6 +33,29 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     # --- end solution ---
 
 
+@dataclass
+class ByteLMConfig:
+    """A plain causal byte transformer: the entropy model, or the byte-level baseline train.py compares with."""
+    dim: int = 256
+    layers: int = 4
+    heads: int = 4
+    window: int | None = None  # sliding attention window in bytes; None = the whole sequence
+    rope_theta: float = 10000.0
+    multiple_of: int = 256  # SwiGLU hidden width rounding
+    norm_eps: float = 1e-5
+    dropout: float = 0.0  # training only (the byte baseline, to match a BLT trained with dropout)
+
+    @classmethod
+    def of_blt(cls, cfg) -> "ByteLMConfig":
+        """The entropy model of a BLTConfig (its entropy_* fields): the one mapping between the two."""
+        return cls(cfg.entropy_dim, cfg.entropy_layers, cfg.entropy_heads, cfg.entropy_window,
+                   cfg.entropy_rope_theta, cfg.multiple_of, cfg.norm_eps)
+
+    def build(self) -> "EntropyModel":
+        return EntropyModel(self.dim, self.layers, self.heads, self.window, self.rope_theta, self.multiple_of,
+                            self.norm_eps, self.dropout)
+
+
 class EntropyModel(nn.Module):
     """Causal byte LM. forward(tokens) -> logits (B, T, V); entropies(tokens) -> (B, T) nats."""
 
@@ -43,11 +68,6 @@ class EntropyModel(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(dim, n_heads, hidden, eps, dropout) for _ in range(n_layers))
         self.norm = RMSNorm(dim, eps)
         self.output = nn.Linear(dim, VOCAB_SIZE, bias=False)
-
-    @classmethod
-    def from_config(cls, cfg) -> "EntropyModel":
-        return cls(cfg.entropy_dim, cfg.entropy_layers, cfg.entropy_heads, cfg.entropy_window,
-                   cfg.entropy_rope_theta, cfg.multiple_of, cfg.norm_eps)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
                 caches: list[KVCache] | None = None, start_pos: int = 0):

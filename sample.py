@@ -24,11 +24,12 @@ import time
 
 import torch
 
-from blt import BLT, BLTConfig
-from decoder import decoder_patch_ids
+from blt import BLT
+from checkpoint import CheckpointError, load_checkpoint
 from entropy_model import entropy_from_logits
 from layers import KVCache
-from patching import BOS_ID, EOS_ID, OFFSET, patch_starts, tokenize
+from patching import EOS_ID, OFFSET, detokenize, patch_starts, tokenize
+from plots import plot_entropies
 
 
 class IncrementalBLT:
@@ -42,9 +43,9 @@ class IncrementalBLT:
         self.model, self.cfg, self.B = model, model.cfg, batch_size
         self.t = 0  # next position to process
         self.entropy_caches = model.entropy_model.new_caches() if model.entropy_model is not None else None
-        self.encoder_caches = [_cache(model.cfg.local_window) for _ in model.encoder.layers]
-        self.decoder_caches = [_cache(model.cfg.local_window) for _ in model.decoder.layers]
-        self.global_caches = [[_cache(None) for _ in model.global_transformer.layers] for _ in range(batch_size)]
+        self.encoder_caches = [KVCache(model.cfg.local_window) for _ in model.encoder.layers]
+        self.decoder_caches = [KVCache(model.cfg.local_window) for _ in model.decoder.layers]
+        self.global_caches = [[KVCache(None) for _ in model.global_transformer.layers] for _ in range(batch_size)]
         self.open_patch = [[] for _ in range(batch_size)]  # encoder states (1, D_E) of the patch being built
         self.last_global = [None] * batch_size  # most recent global output o_j, (1, 1, D_G)
         self.n_patches = [0] * batch_size
@@ -91,10 +92,6 @@ class IncrementalBLT:
         logits = model.decoder(h, global_out, torch.zeros(self.B, 1, dtype=torch.long), pos, self.decoder_caches)
         self.t += 1
         return logits[:, -1]
-
-
-def _cache(window):
-    return KVCache(window)
 
 
 @torch.no_grad()
@@ -157,30 +154,9 @@ def generate(model: BLT, prompt: bytes, max_bytes: int, *, batch_size: int = 1, 
 
 # ---- command line ----
 
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used; the message is one line for the user."""
-
-
 def load_blt(path: str) -> BLT:
-    """Rebuild a BLT from a checkpoint {"kind": "blt", "config": dict, "model": state_dict, ...}."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, corrupted, or carrying arbitrary pickled objects
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise CheckpointError(f"{path} is not a checkpoint of this project (no config/model)")
-    if ckpt.get("kind", "blt") != "blt":
-        raise CheckpointError(f"{path} holds a {ckpt.get('kind')} model; sample.py needs a BLT checkpoint")
-    try:
-        with torch.device("meta"):  # no memory and no random init: the checkpoint supplies every weight
-            model = BLT(BLTConfig.from_dict(ckpt["config"]))
-        model.load_state_dict(ckpt["model"], assign=True)
-    except (ValueError, TypeError, RuntimeError) as e:
-        detail = " ".join(line.strip() for line in str(e).splitlines()[1:] or [str(e)])
-        raise CheckpointError(f"checkpoint {path} does not match its config: {detail[:200]}")
-    return model.eval()
+    """A BLT from a checkpoint of train.py or tools/convert.py (checkpoint.py); CheckpointError otherwise."""
+    return load_checkpoint(path, kinds=("blt",))[2]
 
 
 def show_patches(ids: list[int], starts: list[bool], colour: bool = True) -> str:
@@ -204,32 +180,6 @@ def show_patches(ids: list[int], starts: list[bool], colour: bool = True) -> str
             patch.append(i - OFFSET)
     flush()
     return "".join(out)
-
-
-def plot_entropies(path: str, ids: list[int], entropies: list[float], starts: list[bool], threshold, monotonic):
-    """Per-byte entropy with the threshold line and patch starts marked (the style of paper figure 4)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    # Byte j is drawn at the entropy H[j-1] that decided whether it starts a patch (patching.py), so with
-    # the global rule the bytes above the threshold line are exactly the patch starts.
-    n = min(len(ids), len(entropies) + 1, 120)  # a readable stretch
-    fig, ax = plt.subplots(figsize=(max(8, n * 0.13), 3.2))
-    x = list(range(1, n))
-    ax.plot(x, entropies[: n - 1], color="0.3", lw=1, marker="o", ms=2.5)
-    for i in x:
-        if starts[i]:
-            ax.axvline(i - 0.5, color="tab:blue", alpha=0.25, lw=1)
-    if threshold is not None and not monotonic:
-        ax.axhline(threshold, color="tab:red", ls="--", lw=1, label=f"global threshold θ = {threshold:.2f}")
-        ax.legend(loc="upper right", fontsize=8)
-    labels = [("BOS" if i == BOS_ID else chr(i - OFFSET) if 32 <= i - OFFSET < 127 else "·") for i in ids[:n]]
-    ax.set_xticks(x, labels[1:], fontsize=6)
-    ax.set_ylabel("entropy H (nats)")
-    ax.set_title("next-byte entropy; blue lines: patch starts")
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
 
 
 def main(argv=None):
@@ -291,7 +241,7 @@ def main(argv=None):
             print(show_patches(ids[: len(starts)], starts, colour=sys.stdout.isatty()))
         elif not stream:
             print(f"--- sample {b} ---")
-            print(bytes(i - OFFSET for i in ids if i >= OFFSET).decode("utf-8", "replace"))
+            print(detokenize(ids).decode("utf-8", "replace"))
     n_new = tokens.shape[1] - len(prompt) - 1
     info = f"{n_new} bytes x {tokens.shape[0]} in {seconds:.2f}s ({n_new * tokens.shape[0] / seconds:.0f} bytes/s)"
     if state is not None:

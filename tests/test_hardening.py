@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train
-from train import CheckpointError, atomic_save, read_checkpoint
+from checkpoint import CheckpointError, atomic_save, read_checkpoint
 
 from test_train import TINY, corpus_file, load_checkpoint_dict, records  # noqa: F401  (fixture)
 
@@ -20,7 +20,7 @@ WRITER = """
 import sys, torch
 sys.path.insert(0, {repo!r})
 from pathlib import Path
-from train import atomic_save
+from checkpoint import atomic_save
 path = Path({path!r})
 big = torch.randn(6_000_000)  # ~24 MB: each write takes a while
 version = 1
@@ -60,12 +60,12 @@ def test_truncated_and_corrupted_checkpoints_are_refused(tmp_path):
         result = subprocess.run([sys.executable, str(REPO / "sample.py"), "--checkpoint", str(tmp_path / name),
                                  "--prompt", "hi"], capture_output=True, text=True, timeout=60)
         assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1
-        assert result.stderr.startswith("error: cannot read checkpoint")
+        assert result.stderr.startswith("error: ") and "not a readable checkpoint" in result.stderr
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(corpus_file, tmp_path, monkeypatch, capsys):
     args = ["--data", str(corpus_file), *TINY, "--patching", "strided", "--steps", "20", "--out", str(tmp_path)]
-    real_loss = train.Stage.loss
+    real_loss = train.Task.loss
     calls = {"n": 0}
 
     def loss_that_explodes(self, x, y):
@@ -73,7 +73,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(corpus_
         loss = real_loss(self, x, y)
         return loss * float("nan") if calls["n"] >= 8 else loss
 
-    monkeypatch.setattr(train.Stage, "loss", loss_that_explodes)
+    monkeypatch.setattr(train.Task, "loss", loss_that_explodes)
     assert train.main(args) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]  # tqdm aside
     assert len(err) == 1 and "loss became nan at step 8" in err[0] and "last good checkpoint" in err[0]

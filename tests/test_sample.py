@@ -67,7 +67,7 @@ def run_cli(*args, stdin=None):
 def checkpoint(tmp_path_factory):
     model = make_model("entropy")
     path = tmp_path_factory.mktemp("ckpt") / "blt.pt"
-    torch.save({"kind": "blt", "config": model.cfg.to_dict(), "model": model.state_dict(), "step": 0}, path)
+    torch.save({"format": 1, "kind": "blt", "config": model.cfg.to_dict(), "model": model.state_dict(), "step": 0}, path)
     return path
 
 
@@ -83,13 +83,13 @@ def test_cli_generates_from_prompt_file_with_invalid_utf8(checkpoint, tmp_path):
 
 def test_cli_missing_and_mismatched_checkpoint(checkpoint, tmp_path):
     r = run_cli("--checkpoint", str(tmp_path / "nope.pt"), "--prompt", "hi")
-    assert r.returncode != 0 and r.stderr.decode().strip() == f"error: checkpoint not found: {tmp_path / 'nope.pt'}"
+    assert r.returncode != 0 and r.stderr.decode().strip() == f"error: no checkpoint at {tmp_path / 'nope.pt'}"
     ckpt = torch.load(checkpoint, weights_only=True)
     ckpt["config"]["local_dim"] = 64  # weights from another config
     torch.save(ckpt, tmp_path / "other.pt")
     r = run_cli("--checkpoint", str(tmp_path / "other.pt"), "--prompt", "hi")
     err = r.stderr.decode().strip()
-    assert r.returncode != 0 and "does not match its config" in err and len(err.splitlines()) == 1
+    assert r.returncode != 0 and "weights do not fit the config" in err and len(err.splitlines()) == 1
     assert "Traceback" not in err
 
 

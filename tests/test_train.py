@@ -16,7 +16,8 @@ import torch
 import train
 from blt import BLT, BLTConfig
 from entropy_model import EntropyModel
-from train import CheckpointError, TrainConfig, load_checkpoint, lr_at
+from checkpoint import CheckpointError, load_checkpoint
+from train import TrainConfig, lr_at
 
 from test_data import closed_port_url, server  # noqa: F401  (pytest fixture)
 
