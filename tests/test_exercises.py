@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-import make_exercises as kit
+from tools import make_exercises as kit
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = list(kit.STAGES)
@@ -97,7 +97,7 @@ def test_repository_regions_cover_every_stage():
 
 def test_teacher_copy_is_unchanged_and_student_copy_differs_only_in_regions(tmp_path):
     files = kit.repo_files()
-    assert "make_exercises.py" in files and "exercises.md" in files and "pytest.ini" in files
+    assert "tools/make_exercises.py" in files and "exercises.md" in files and "pytest.ini" in files
     assert not any(f.startswith(("data/", "out/")) or "__pycache__" in f for f in files)
     kit.make_copy(tmp_path / "teacher", student=False)
     for f in files:

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 hf_blt = pytest.importorskip("transformers.models.blt.modeling_blt")
 
 from blt import BLT, BLTConfig  # noqa: E402
-from convert import (ConversionError, choose_multiple_of, hf_patch_lengths_to_ours, hf_to_ours,  # noqa: E402
+from tools.convert import (ConversionError, choose_multiple_of, hf_patch_lengths_to_ours, hf_to_ours,  # noqa: E402
                      meta_to_hf, ours_patch_lengths_to_hf, ours_to_hf)
 from encoder import HASH_PRIMES, hash_ngram_ids  # noqa: E402
 from layers import swiglu_hidden_dim  # noqa: E402
@@ -349,7 +349,7 @@ def test_cli_converts_transformers_and_meta_folders(tmp_path):
 
     from safetensors.torch import save_file
 
-    from convert import main
+    from tools.convert import main
     from sample import load_blt
     hf = _hf_model(CONFIGS["k3_two_hashes_first_layer_only"], 0)  # no GQA: Meta's n_kv_heads covers both local models
     ids, hf_lengths = _tokens(0), _random_hf_lengths(0)

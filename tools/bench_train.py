@@ -1,8 +1,8 @@
 """Training speed of each train.py preset: bytes/s, achieved FLOP/s against a matmul peak measured here, and
 peak memory.
 
-    python bench_train.py                  # the cpu preset (and the gpu preset when CUDA is available)
-    python bench_train.py --preset cpu --steps 8
+    python tools/bench_train.py                  # the cpu preset (and the gpu preset when CUDA is available)
+    python tools/bench_train.py --preset cpu --steps 8
 
 For every preset it times a few training steps (after warm-up) of the three models train.py trains: the
 entropy model, BLT with entropy patching (patched on the fly by the entropy model, as in training) and the
@@ -19,11 +19,18 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from anywhere: the paper modules live at the top of the repository
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py: robust on a shared small machine
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from blt import BLTConfig, byte_transformer_flops_per_byte, flops_per_byte  # noqa: E402
+from entropy_model import ByteLMConfig  # noqa: E402
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
@@ -48,31 +55,32 @@ def measure(preset_name: str, model_kind: str, dtype: str, steps: int) -> dict:
     """Time `steps` training steps of one model of one preset (in this process)."""
     import train
     from blt import BLT
+    from data import get_batch
     from patching import calibrate_threshold
 
     device = torch.device("cuda" if preset_name == "gpu" else "cpu")
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     preset = train.PRESETS[preset_name]
     tc = train.TrainConfig(**{**preset["entropy_train" if model_kind == "entropy" else "train"], "dtype": dtype})
     torch.manual_seed(0)
-    blt_cfg = preset["blt"]()
+    blt_cfg = BLTConfig.from_dict(preset["blt"].to_dict())
     if model_kind == "entropy":
-        config = train.ByteLMConfig.of_entropy_model(blt_cfg)
+        config = ByteLMConfig.of_blt(blt_cfg)
         model, kind = config.build(), "entropy"
     elif model_kind == "byte":
-        config = train.ByteLMConfig(**preset["byte"])
-        model, kind = config.build(), "byte"
+        config, kind = preset["byte"], "byte"
+        model = config.build()
     else:
         config, kind = blt_cfg, "blt"
         model = BLT(config)
     corpus = np.random.default_rng(0).integers(0, 256, size=1 << 22, dtype=np.uint8)
     model.to(device)
     if kind == "blt":  # an untrained entropy model, its threshold calibrated to the preset's patch size
-        x, _ = train.get_batch(corpus, tc.batch_size, tc.seq_len, 0, 10 ** 6)
+        x, _ = get_batch(corpus, tc.batch_size, tc.seq_len, 0, 10 ** 6)
         config.entropy_threshold = calibrate_threshold(model.entropy_model.entropies(x.to(device)).cpu(), config.patch_size)
-    stage = train.Stage(kind, model_kind, model, config, tc, device, compile_model=preset["compile"] and device.type == "cuda")
+    task = train.Task(kind, model, config, tc, device, compile_model=preset["compile"] and device.type == "cuda")
+    task.prepare()
     optimizer = train.make_optimizer(model, tc, device)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     times, patch_sizes = [], []
@@ -80,9 +88,8 @@ def measure(preset_name: str, model_kind: str, dtype: str, steps: int) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        x, y = train.get_batch(corpus, tc.batch_size, tc.seq_len, 0, i)
-        x, y = train.to_device(x, device), train.to_device(y, device)
-        loss = stage.loss(x, y)
+        x, y = get_batch(corpus, tc.batch_size, tc.seq_len, 0, i)
+        loss = task.loss(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
@@ -91,19 +98,23 @@ def measure(preset_name: str, model_kind: str, dtype: str, steps: int) -> dict:
         if i >= 2:
             times.append(time.perf_counter() - t0)
         if kind == "blt" and i == 0:
-            lengths = model.patch(x)
+            lengths = model.patch(x.to(device))
             patch_sizes.append(float(lengths.sum()) / float((lengths > 0).sum()))
     step_time = float(np.median(times))
     bytes_per_s = tc.batch_size * tc.seq_len / step_time
-    flops = stage.flops(patch_sizes[0] if patch_sizes else None)
-    flops_per_byte = flops["train_flops_per_byte"] + flops.get("entropy_forward_flops_per_byte", 0.0)
+    if kind == "blt":
+        f = flops_per_byte(config, patch_sizes[0], tc.seq_len)
+        flops = f["train_total"] + f["entropy_model_forward"]
+    else:
+        flops = byte_transformer_flops_per_byte(config.dim, config.layers, min(config.window or tc.seq_len, tc.seq_len),
+                                                config.multiple_of)["train_total"]
     if device.type == "cuda":
         peak_memory = torch.cuda.max_memory_allocated()
     else:
         import resource
         peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     return {"preset": preset_name, "model": model_kind, "dtype": dtype, "bytes_per_s": bytes_per_s,
-            "flops_per_s": flops_per_byte * bytes_per_s, "mflop_per_byte": flops_per_byte / 1e6,
+            "flops_per_s": flops * bytes_per_s, "mflop_per_byte": flops / 1e6,
             "step_s": step_time, "peak_memory": peak_memory, "threads": torch.get_num_threads(),
             "batch": f"{tc.batch_size}x{tc.seq_len}", "patch_size": patch_sizes[0] if patch_sizes else None}
 

@@ -1,6 +1,6 @@
 """Pictures of patching (paper section 2, figures 3 and 4), drawn from a trained BLT checkpoint.
 
-    python figures.py --checkpoint out/shakespeare-cpu/blt_entropy.pt --data shakespeare --out figures
+    python tools/figures.py --checkpoint out/shakespeare-cpu/blt_entropy.pt --data shakespeare --out figures
 
 writes
   patching_schemes.png  one sentence under the four schemes, bytes coloured by patch (paper figure 3):
@@ -18,13 +18,18 @@ import os
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from anywhere: the paper modules live at the top of the repository
+
 import torch
 
-from patching import (OFFSET, average_patch_size, calibrate_threshold, entropy_patch_starts, lengths_from_starts,
+from checkpoint import CheckpointError  # noqa: E402
+from plots import draw_histograms, draw_schemes, plot_entropies  # noqa: E402
+from sample import load_blt  # noqa: E402
+from patching import ( average_patch_size, calibrate_threshold, entropy_patch_starts, lengths_from_starts,
                       limit_patch_length, patch_lengths, tokenize)
 
 SENTENCE = "Daenerys Targaryen is in Game of Thrones, a fantasy epic by George R.R. Martin."
-COLOURS = ["#f4a3a3", "#a3d3f4", "#b9e6a3", "#f4dca3", "#d5b3f0"]
 
 
 def scheme_lengths(tokens, entropy_model, threshold_global, threshold_monotonic, stride, max_len):
@@ -40,52 +45,6 @@ def scheme_lengths(tokens, entropy_model, threshold_global, threshold_monotonic,
     }
 
 
-def draw_schemes(path, text: bytes, rows: dict):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    n = len(text)
-    fig, ax = plt.subplots(figsize=(max(8, 0.17 * n), 0.55 * len(rows) + 0.6))
-    for r, (name, lengths) in enumerate(rows.items()):
-        y = len(rows) - 1 - r
-        lengths = [int(x) for x in lengths[0] if x > 0][1:]  # drop the BOS patch; the slot is past the text
-        pos = 0
-        for p, length in enumerate(lengths):
-            for i in range(pos, min(pos + length, n)):
-                ax.add_patch(plt.Rectangle((i, y + 0.1), 1, 0.8, color=COLOURS[p % len(COLOURS)], lw=0))
-                char = chr(text[i]) if 32 <= text[i] < 127 else "·"
-                ax.text(i + 0.5, y + 0.5, "␣" if char == " " else char, ha="center", va="center",
-                        fontsize=8, family="monospace")
-            if pos < n:
-                ax.plot([pos, pos], [y + 0.05, y + 0.95], color="black", lw=1.2)
-            pos += length
-        ax.text(-0.5, y + 0.5, name, ha="right", va="center", fontsize=9)
-    ax.set_xlim(-0.2, n + 0.2)
-    ax.set_ylim(0, len(rows))
-    ax.axis("off")
-    ax.set_title("Patching schemes (paper section 2): colour = patch, bar = patch start", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=140, bbox_inches="tight")
-    plt.close(fig)
-
-
-def draw_histograms(path, sizes: dict):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(sizes), figsize=(3.2 * len(sizes), 2.8), sharey=True)
-    for ax, (name, values) in zip(axes, sizes.items()):
-        top = min(int(values.max()), 24)
-        ax.hist(values.clamp(max=top).numpy(), bins=range(1, top + 2), color="tab:blue", alpha=0.8, align="left")
-        ax.set_title(f"{name}\nmean {values.float().mean():.2f} bytes", fontsize=8)
-        ax.set_xlabel("patch size (bytes)")
-    axes[0].set_ylabel("patches")
-    fig.suptitle("Patch sizes on the validation split", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="Draw the patching pictures from a trained BLT checkpoint.")
     p.add_argument("--checkpoint", required=True, help="a BLT checkpoint with entropy patching (train.py)")
@@ -95,7 +54,6 @@ def main(argv=None):
     p.add_argument("--out", default="figures", help="output folder")
     args = p.parse_args(argv)
 
-    from sample import CheckpointError, load_blt, plot_entropies
     try:
         model = load_blt(args.checkpoint)
     except CheckpointError as e:

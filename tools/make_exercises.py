@@ -13,10 +13,10 @@ The student version replaces every such region by one line at the same indentati
 and keeps everything else: signatures, docstrings, the code around a region, every other file. exercises.md
 is the guide; `python -m pytest -m stageN` grades stage N (tests/test_stageN_*.py).
 
-    python make_exercises.py --student OUT           # every stage stripped
-    python make_exercises.py --student OUT --stage 3 # only stage 3 (repeatable: hand out one stage at a time)
-    python make_exercises.py --teacher OUT           # an unchanged copy, this kit included
-    python make_exercises.py --check                 # list the regions; exit 1 on a malformed marker
+    python tools/make_exercises.py --student OUT           # every stage stripped
+    python tools/make_exercises.py --student OUT --stage 3 # only stage 3 (repeatable: hand out one stage at a time)
+    python tools/make_exercises.py --teacher OUT           # an unchanged copy, this kit included
+    python tools/make_exercises.py --check                 # list the regions; exit 1 on a malformed marker
 
 The files copied are git's tracked and untracked-but-not-ignored files (`git ls-files`); without git, the
 tree minus .git, data/, out/, runs/ and caches. The student version leaves out this script and its CI test
@@ -34,9 +34,12 @@ import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from anywhere: the paper modules live at the top of the repository
+
+
 STAGES = range(1, 8)  # exercises.md: 1 entropy ... 7 end-to-end training
-KIT_FILES = {"make_exercises.py", "tests/test_exercises.py"}  # left out of student versions
+KIT_FILES = {"tools/make_exercises.py", "tests/test_exercises.py"}  # left out of student versions
 # without git, the files to skip
 SKIP_TOP = {"data", "out", "runs"}  # top-level folders
 SKIP_DIRS = {".git", "__pycache__", ".pytest_cache"}  # folders anywhere

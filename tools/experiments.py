@@ -1,7 +1,7 @@
 """Reproduce the paper's comparisons at small scale, from one command (paper sections 4.4-4.6, tables 3-4).
 
-    python experiments.py                 # CPU preset: under an hour on 2 cores
-    python experiments.py --preset gpu    # one GPU
+    python tools/experiments.py                 # CPU preset: under an hour on 2 cores
+    python tools/experiments.py --preset gpu    # one GPU
 
 Every model is trained by train.py on the default corpus with the same batches, so all see the same bytes
 (matched data), and is evaluated on the same held-out bytes. The plain byte-level transformer is sized so
@@ -19,20 +19,22 @@ results table, written into README.md between the experiments markers. Runs that
 (train.py --resume), so an interrupted experiment continues where it stopped.
 """
 import argparse
-import json
-import math
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from anywhere: the paper modules live at the top of the repository
+
 import torch
 
+from checkpoint import read_checkpoint  # noqa: E402
+from entropy_model import ByteLMConfig  # noqa: E402
 from blt import BLT, BLTConfig, byte_transformer_flops_per_byte, count_parameters, flops_per_byte
-from layers import swiglu_hidden_dim
+from plots import plot_bpb_vs_flops  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent
 README_START, README_END = "<!-- experiments:start -->", "<!-- experiments:end -->"
 
 PRESETS = {
@@ -55,7 +57,7 @@ def train(out: Path, *flags: str, preset: str, log):
 
 
 def checkpoint_metrics(path: Path) -> dict:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(path)
     return {"metrics": ckpt["metrics"], "config": ckpt["config"], "kind": ckpt["kind"], "train": ckpt["train"]}
 
 
@@ -65,7 +67,6 @@ def parameters(kind: str, config: dict) -> tuple[int, int]:
         with torch.device("meta"):
             counts = count_parameters(BLT(BLTConfig.from_dict(config)))
         return counts["encoder"] + counts["global_transformer"] + counts["decoder"], counts["hash_embeddings"]
-    from train import ByteLMConfig
     with torch.device("meta"):
         model = ByteLMConfig(**config).build()
     return sum(p.numel() for p in model.parameters()), 0
@@ -76,27 +77,6 @@ def matched_byte_dim(blt_cfg: BLTConfig, patch_size: float, seq_len: int, layers
     target = flops_per_byte(blt_cfg, patch_size, seq_len)["train_total"]
     return min(range(64, 1025, 32),
                key=lambda d: abs(byte_transformer_flops_per_byte(d, layers, seq_len, 32)["train_total"] - target))
-
-
-def plot_bpb_vs_flops(runs: dict, path: Path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, run in runs.items():
-        records = [json.loads(l) for l in run["jsonl"].read_text().splitlines() if l.strip()]
-        evals = [r for r in records if r["type"] == "eval"]
-        x = [r["bytes"] * r["train_flops_per_byte"] for r in evals]
-        ax.plot(x, [r["val_bpb"] for r in evals], "o-", ms=3, label=name)
-    ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs (paper section 4.5 accounting)")
-    ax.set_ylabel("validation bits per byte")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("Bits per byte against training compute")
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
 
 
 def main(argv=None):
@@ -165,7 +145,7 @@ def main(argv=None):
     seen = checkpoint_metrics(seed0 / "byte.pt")["metrics"]
     table = "\n".join([
         README_START,
-        f"Regenerate with `python experiments.py` ({args.preset} preset, {minutes:.0f} minutes here, "
+        f"Regenerate with `python tools/experiments.py` ({args.preset} preset, {minutes:.0f} minutes here, "
         f"{seen['steps']} steps x {seen['bytes'] // seen['steps']:,} bytes = {seen['bytes'] / 1e6:.1f} MB seen by every model, "
         f"validation on the first {seen['val_bytes']:,} held-out bytes).",
         "",
@@ -177,7 +157,7 @@ def main(argv=None):
     (out / "results.md").write_text(table + "\n")
     Path(args.figures).mkdir(exist_ok=True)
     plot_bpb_vs_flops(curves, Path(args.figures) / "bpb_vs_flops.png")
-    subprocess.run([sys.executable, str(ROOT / "figures.py"), "--checkpoint", str(seed0 / "blt_entropy.pt"),
+    subprocess.run([sys.executable, str(ROOT / "tools" / "figures.py"), "--checkpoint", str(seed0 / "blt_entropy.pt"),
                     "--data", args.data, "--out", args.figures], check=True, cwd=ROOT)
     if not args.no_readme:
         readme = ROOT / "README.md"

@@ -14,7 +14,7 @@ Three formats meet here:
     ours_to_hf(cfg, state_dict)          -> (config dict for transformers.BltConfig(**d), hf_state_dict)
     meta_to_hf(args, entropy_params, state_dict, entropy_state_dict) -> (hf config dict, hf_state_dict)
 
-    python convert.py DOWNLOADED_FOLDER OUT.pt [--entropy-dir DIR] [--dtype float32|bfloat16|keep]
+    python tools/convert.py DOWNLOADED_FOLDER OUT.pt [--entropy-dir DIR] [--dtype float32|bfloat16|keep]
 
 The CLI reads either a transformers folder or a Meta folder (detected from config.json) and writes the
 checkpoint format of train.py / sample.py: {"format": 1, "kind": "blt", "config": BLTConfig.to_dict(),
@@ -49,6 +49,10 @@ import math
 import os
 import sys
 import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from anywhere: the paper modules live at the top of the repository
 
 import torch
 
