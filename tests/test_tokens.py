@@ -51,7 +51,7 @@ def test_every_single_byte_is_one_token(tok):
     assert tok.bos_id == 0 and tok.token_bytes[0] == b""
     for b in range(256):
         ids = tok.encode(bytes([b]))
-        assert len(ids) == 1 and tok.token_bytes[ids[0]] == bytes([b])
+        assert list(ids) == [b + 1] and tok.token_bytes[b + 1] == bytes([b])  # the documented id layout
 
 
 def test_merges_are_learned_and_shorten_text(tok):
