@@ -25,6 +25,11 @@ Data and evaluation (`TokenSplit`, `tokenize_split`, `get_token_batch`, `eval_to
 `evaluate_bpb`). A split is encoded once into the stream [BOS, t_1, ..., t_N]; training samples random
 windows of it and evaluation tiles it so that every token t_1..t_N is predicted exactly once.
 
+What train.py needs (`TokenSetup`, `prepare_tokens`): the tokenizer, the window length in tokens that spans
+as many bytes as the byte models' windows (T_tok = round(seq_len / bytes per token of the training split)),
+and the encoded training split (cached beside the tokenizer). A checkpoint stores the tokenizer's JSON, so
+it rebuilds the whole token model alone (checkpoint.load_checkpoint).
+
 Shapes: B = batch, T = tokens per window (= input positions), V = vocab_size, D = width, N = tokens in a split.
 """
 import hashlib
@@ -44,6 +49,7 @@ import torch.nn.functional as F
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
 from blt import bits_per_byte, init_weights, transformer_flops
+from data import DATA_DIR
 from layers import RMSNorm, TransformerBlock, causal_mask, rope_cos_sin, swiglu_hidden_dim
 
 # ---- the tokenizer ----
@@ -119,6 +125,10 @@ class ByteBPE:
     @classmethod
     def load(cls, path) -> "ByteBPE":
         return cls(Tokenizer.from_file(str(path)))
+
+    @classmethod
+    def from_str(cls, text: str) -> "ByteBPE":
+        return cls(Tokenizer.from_str(text))
 
     def to_str(self) -> str:
         """The whole tokenizer (vocabulary, merges, settings) as the JSON text that save() writes."""
@@ -221,6 +231,7 @@ class TokenLM(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.apply(init_weights)
+        self.tokens: TokenSetup | None = None  # set by checkpoint.load_checkpoint: tokenizer and window length
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None):
         B, T = tokens.shape
@@ -329,6 +340,62 @@ def token_flops_per_byte(cfg: TokenLMConfig, bytes_per_token: float, seq_len: in
                                   swiglu_hidden_dim(cfg.dim, cfg.multiple_of))
     forward = per_token / bytes_per_token
     return {"forward_per_token": per_token, "forward_total": forward, "train_total": 3 * forward}
+
+
+# ---- what train.py needs: tokenizer, window length in tokens, encoded training split ----
+
+TOKENIZER_DIR = DATA_DIR / "tokenizers"  # beside the prepared corpora; files are keyed by the training bytes
+
+
+@dataclass
+class TokenSetup:
+    """A token model's tokenizer and windows. seq_len: T_tok, tokens per window; train: the encoded training
+    split (None when only evaluating); train_bytes_per_token: its bytes / tokens."""
+    tokenizer: ByteBPE
+    seq_len: int
+    train_bytes_per_token: float
+    train: TokenSplit | None = None
+
+    def __post_init__(self):
+        self._last = (None, None, None)  # (data, max_bytes, TokenSplit): periodic evaluations reuse one prefix
+
+    @property
+    def bytes_per_window(self) -> float:
+        """Bytes a training window of T_tok tokens spans, on average (the byte models': seq_len)."""
+        return self.seq_len * self.train_bytes_per_token
+
+    def split(self, data, max_bytes: int | None = None) -> TokenSplit:
+        """data[:max_bytes] encoded: exactly the bytes a byte model evaluated with the same max_bytes predicts."""
+        if self._last[0] is not data or self._last[1] != max_bytes:
+            self._last = (data, max_bytes, tokenize_split(self.tokenizer, data[:max_bytes]))
+        return self._last[2]
+
+    def saved(self) -> dict:
+        """What a checkpoint stores: the tokenizer itself, and ("tokens") what a resumed run must share."""
+        text = self.tokenizer.to_str()
+        return {"tokenizer": text, "tokens": {"seq_len": self.seq_len, "train_bytes_per_token": self.train_bytes_per_token,
+                                              "tokenizer_sha256": hashlib.sha256(text.encode()).hexdigest()[:16]}}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> "TokenSetup":
+        return cls(ByteBPE.from_str(ckpt["tokenizer"]), ckpt["tokens"]["seq_len"], ckpt["tokens"]["train_bytes_per_token"])
+
+
+def prepare_tokens(train_data, vocab_size: int, seq_len_bytes: int, cache_dir=None) -> TokenSetup:
+    """Tokenizer for (train_data, vocab_size) (trained once, cached), the encoded training split (cached
+    beside it: encoding a few MB takes seconds), and T_tok = round(seq_len_bytes / bytes per token)."""
+    path = tokenizer_cache_path(train_data, vocab_size, cache_dir or TOKENIZER_DIR)
+    tok = cached_bpe(train_data, vocab_size, path.parent)
+    ids_path = path.with_suffix(".train.npy")
+    if ids_path.exists():
+        split = TokenSplit(np.load(ids_path), len(train_data))
+    else:
+        split = tokenize_split(tok, train_data)
+        tmp = ids_path.with_name(f".{ids_path.name}.{os.getpid()}.npy")
+        np.save(tmp, split.ids)
+        os.replace(tmp, ids_path)
+    bpt = split.n_bytes / max(1, split.n_tokens)
+    return TokenSetup(tok, max(1, round(seq_len_bytes / bpt)), bpt, split)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import tokens
 from tokens import (ByteBPE, TokenLMConfig, TokenSplit, bytes_per_token, cached_bpe, eval_token_windows,
                     evaluate_bpb, get_token_batch, token_flops_per_byte, tokenize_split, train_bpe)
 
+from test_train import TINY_TRAINING, corpus_file, records  # noqa: F401  (corpus_file: pytest fixture)
+
 WORDS = ("the", "king", "queen", "shall", "not", "thou", "art", "my", "lord", "what", "is", "love", "'s",
          "and", "to", "be", "or", "it", "that", "in", "O", ",", ".", "!", "?", ";", "1599")
 SEPARATORS = (" ", " ", " ", " ", "  ", "\n", "\n\n", " \n", ".\n")
@@ -241,3 +243,51 @@ def test_flops_per_byte_against_hand_computation():
     # a sliding window caps the attention context
     windowed = token_flops_per_byte(TokenLMConfig(**{**cfg.to_dict(), "window": 10}), 4.0, 50)
     assert per_token - windowed["forward_per_token"] == 2 * 2 * 24 * (50 - 10) * 3
+
+
+# ---- train.py --model bpe: the same recipe, checkpoints, resume and evaluation as the byte models ----
+
+def test_train_py_bpe_trains_resumes_exactly_and_evaluates_like_the_others(corpus_file, tmp_path, monkeypatch):
+    import train
+    from checkpoint import load_checkpoint
+    from data import load_corpus
+    from evaluation import evaluate
+
+    monkeypatch.setattr(tokens, "TOKENIZER_DIR", tmp_path / "tokenizers")
+    bpe = ["--data", str(corpus_file), *TINY_TRAINING, "--model", "bpe", "--vocab-size", "300", "--steps", "6",
+           "--config", "dim=32", "--config", "heads=2", "--config", "multiple_of=16"]
+    whole, pieces = tmp_path / "whole", tmp_path / "pieces"
+    assert train.main([*bpe, "--out", str(whole)]) == 0
+    assert train.main([*bpe, "--out", str(pieces), "--stop-at", "4"]) == 0
+    assert torch.load(pieces / "bpe.pt", weights_only=True)["step"] == 4
+    assert train.main([*bpe, "--out", str(pieces), "--resume"]) == 0
+    a, b = records(whole / "bpe.jsonl", "train"), records(pieces / "bpe.jsonl", "train")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    final = records(whole / "bpe.jsonl", "eval")[-1]
+    assert final["val_bpb"] == records(pieces / "bpe.jsonl", "eval")[-1]["val_bpb"]
+
+    # the checkpoint alone rebuilds model and tokenizer, and evaluating it reproduces the logged number
+    kind, cfg, model = load_checkpoint(whole / "bpe.pt")
+    assert kind == "bpe" and isinstance(cfg, TokenLMConfig) and cfg.vocab_size == model.tokens.tokenizer.vocab_size == 300
+    corpus = load_corpus(str(corpus_file))
+    setup = model.tokens
+    assert setup.seq_len == round(32 / setup.train_bytes_per_token)  # --seq-len 32 bytes -> T_tok tokens
+    assert setup.tokenizer.decode(setup.tokenizer.encode(corpus.val)) == corpus.val.tobytes()
+    again = evaluate(model, kind, cfg, corpus.val, 32, 4, "bf16", torch.device("cpu"), 512, tokens=setup)
+    assert again["val_bpb"] == final["val_bpb"] and again["bytes_per_token"] == final["bytes_per_token"]
+    # logged like the other models: bits per byte (not per token), bytes seen, FLOPs per byte
+    step6 = a[-1]
+    assert step6["bpb"] == pytest.approx(step6["loss"] / math.log(2) / setup.train_bytes_per_token)
+    assert step6["bytes"] == 6 * round(4 * setup.seq_len * setup.train_bytes_per_token)
+    f = token_flops_per_byte(cfg, final["bytes_per_token"], setup.seq_len)
+    assert final["train_flops_per_byte"] == f["train_total"] and final["forward_flops_per_byte"] == f["forward_total"]
+
+    # the same validation bytes as a byte model
+    assert train.main(["--data", str(corpus_file), *TINY_TRAINING, "--model", "byte", "--steps", "2", "--out", str(whole),
+                       "--config", "dim=32", "--config", "heads=2"]) == 0
+    assert records(whole / "byte.jsonl", "eval")[-1]["val_bytes"] == final["val_bytes"] == 512
+    # another vocabulary is another model: resuming refuses, the checkpoint stays
+    bad = [*bpe[:bpe.index("--vocab-size")], "--vocab-size", "290", *bpe[bpe.index("--vocab-size") + 2:]]
+    assert train.main([*bad, "--out", str(whole), "--resume"]) == 1
+    assert torch.load(whole / "bpe.pt", weights_only=True)["config"]["vocab_size"] == 300
