@@ -10,7 +10,8 @@ import tokens
 from tokens import (ByteBPE, TokenLMConfig, TokenSplit, bytes_per_token, cached_bpe, eval_token_windows,
                     evaluate_bpb, get_token_batch, token_flops_per_byte, tokenize_split, train_bpe)
 
-from test_train import TINY_TRAINING, corpus_file, records  # noqa: F401  (corpus_file: pytest fixture)
+from test_train import TINY_TRAINING, records
+from test_train import corpus_file  # noqa: F401  (a pytest fixture)
 
 WORDS = ("the", "king", "queen", "shall", "not", "thou", "art", "my", "lord", "what", "is", "love", "'s",
          "and", "to", "be", "or", "it", "that", "in", "O", ",", ".", "!", "?", ";", "1599")
