@@ -1,6 +1,6 @@
 """Patches versus tokens: the paper's title experiment (figure 1, sections 5-6) at small scale, from one command.
 
-    python tools/experiments.py --study tokens                 # CPU preset (about 75 minutes on 2 idle cores)
+    python tools/experiments.py --study tokens                 # CPU preset (about 70 minutes on 2 idle cores)
     python tools/experiments.py --study tokens --preset gpu    # one GPU: larger models, enwik8
     python tools/experiments.py --study tokens --plan          # print the models and their FLOPs; train nothing
     python tools/patches_vs_tokens.py ...                      # the same, without the dispatcher
@@ -192,9 +192,10 @@ def train_everything(runner: Runner, plan: dict, s: dict, patch_sizes: list[floa
     runner.train(out / "entropy", "--stage", "entropy", "--patching", "entropy", *entropy_flags)
     for p in patch_sizes:  # one threshold per target patch size, shared by every run with that size
         folder = out / f"calibration-ps{p:g}"
-        folder.mkdir(exist_ok=True)
-        shutil.copy(out / "entropy" / "entropy.pt", folder / "entropy.pt")
-        runner.train(folder, "--stage", "calibrate", "--patching", "entropy", "--patch-size", f"{p:g}", *entropy_flags)
+        if not (folder / "calibration.json").exists():
+            folder.mkdir(exist_ok=True)
+            shutil.copy(out / "entropy" / "entropy.pt", folder / "entropy.pt")
+            runner.train(folder, "--stage", "calibrate", "--patching", "entropy", "--patch-size", f"{p:g}", *entropy_flags)
     budgets, runs = s["budgets"], {}
     jobs = [(m, b, seeds[0]) for m in ["bpe"] + [f"entropy-ps{p:g}" for p in patch_sizes] for b in budgets]
     jobs += [(m, budgets[-1], seeds[0]) for m in ("byte", "space")]
