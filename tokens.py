@@ -174,6 +174,7 @@ def cached_bpe(train_data, vocab_size: int, cache_dir) -> ByteBPE:
     os.close(fd)
     try:
         tok.save(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache beside the corpus is for every user
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -119,8 +119,7 @@ class Task:
     """One model being trained, and how a batch becomes its loss or its bits per byte. kind: "entropy" (the
     entropy model), "blt", "byte" or "bpe" (the baselines; bpe reads token windows of tokens.TokenSetup)."""
 
-    def __init__(self, kind: str, model: torch.nn.Module, config, tc: TrainConfig, device, compile_model: bool,
-                 tokens=None):
+    def __init__(self, kind: str, model: torch.nn.Module, config, tc: TrainConfig, device, compile_model: bool, tokens=None):
         self.kind, self.model, self.config, self.tc, self.device = kind, model.to(device), config, tc, device
         self.compile_model, self.forward, self.tokens = compile_model, self.model, tokens
 
