@@ -4,10 +4,12 @@ A checkpoint is self-sufficient (it rebuilds its model alone) and safe to load: 
 dict, list or primitive, so `torch.load(..., weights_only=True)` reads it and never runs pickled code.
 
     {"format": 1,
-     "kind": "entropy" | "blt" | "byte",
+     "kind": "entropy" | "blt" | "byte" | "bpe",
      "config": dict,        # blt: BLTConfig (patching mode, threshold, entropy model sizes included);
-                            # entropy / byte: entropy_model.ByteLMConfig
+                            # entropy / byte: entropy_model.ByteLMConfig; bpe: tokens.TokenLMConfig
      "model": state_dict,   # uncompiled weights; for blt the frozen entropy model is inside
+     # bpe only: "tokenizer": str (the tokenizer's JSON), "tokens": {"seq_len" (tokens per window),
+     #           "train_bytes_per_token", "tokenizer_sha256"}
      # written by train.py, absent from converted checkpoints (tools/convert.py):
      "train": dict,         # train.TrainConfig: the settings a resumed run must share
      "optimizer": state_dict, "step": int, "steps": int, "done": bool,
@@ -27,9 +29,10 @@ import torch
 
 from blt import BLT, BLTConfig
 from entropy_model import ByteLMConfig
+from tokens import TokenLM, TokenLMConfig, TokenSetup
 
 FORMAT = 1
-KINDS = ("entropy", "blt", "byte")
+KINDS = ("entropy", "blt", "byte", "bpe")
 
 
 class CheckpointError(Exception):
@@ -88,13 +91,17 @@ def build_model(kind: str, config: dict, device: str | torch.device | None = Non
         if kind == "blt":
             cfg = BLTConfig.from_dict(config)
             return cfg, BLT(cfg)
+        if kind == "bpe":
+            cfg = TokenLMConfig.from_dict(config)
+            return cfg, TokenLM(cfg)
         cfg = ByteLMConfig(**config)
         return cfg, cfg.build()
 
 
 def load_checkpoint(path, kinds=KINDS) -> tuple[str, object, torch.nn.Module]:
     """Checkpoint -> (kind, config, model in eval mode on the CPU). kind "blt": BLTConfig and BLT (with its
-    entropy model); "entropy" or "byte": ByteLMConfig and EntropyModel. Raises CheckpointError."""
+    entropy model); "entropy" or "byte": ByteLMConfig and EntropyModel; "bpe": TokenLMConfig and TokenLM, with
+    model.tokens (tokens.TokenSetup: the tokenizer and window length it was trained with). Raises CheckpointError."""
     ckpt = read_checkpoint(path)
     if ckpt["kind"] not in kinds:
         raise CheckpointError(f"{path} holds a {ckpt['kind']} model; this needs {' or '.join(kinds)}")
@@ -103,6 +110,11 @@ def load_checkpoint(path, kinds=KINDS) -> tuple[str, object, torch.nn.Module]:
         model.load_state_dict(ckpt["model"], assign=True)
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         raise CheckpointError(f"{path}: weights do not fit the config stored with them: {_first_line(e)}") from None
+    if ckpt["kind"] == "bpe":
+        try:
+            model.tokens = TokenSetup.from_checkpoint(ckpt)
+        except Exception as e:  # `tokenizers` raises its own exception type for a malformed JSON
+            raise CheckpointError(f"{path}: no usable tokenizer in the checkpoint: {_first_line(e)}") from None
     return ckpt["kind"], cfg, model.eval()
 
 

@@ -4,6 +4,10 @@ Every model is scored on the same bytes: the validation split cut into fixed, no
 (data.eval_windows), each starting afresh from BOS, so every byte is predicted exactly once whatever the model
 or its patching. Bits per byte = the summed next-byte cross-entropy in nats / (ln 2 * number of bytes).
 
+A BPE token model ("bpe", tokens.py) is scored on the same bytes: the same prefix of the validation split,
+encoded with the model's own tokenizer; its summed next-token cross-entropy is divided by ln 2 and by the
+number of bytes (tokens.evaluate_bpb), and its FLOPs per byte use the bytes per token of those bytes.
+
 Shapes: B = batch, T = bytes per window (BOS included), V = 260.
 """
 import torch
@@ -13,15 +17,19 @@ from blt import bits_per_byte, byte_transformer_flops_per_byte, flops_per_byte
 from data import eval_windows
 from patching import VOCAB_SIZE
 from runtime import DIST, autocast, to_device
+from tokens import evaluate_bpb, token_flops_per_byte
 
 
 @torch.no_grad()
 def evaluate(model, kind: str, config, val, seq_len: int, batch_size: int, dtype: str, device: torch.device,
-             max_bytes: int | None = None) -> dict:
-    """Bits per byte of a "blt" or byte-level ("entropy", "byte") model over val[:max_bytes]. Under torchrun
-    each process takes every N-th batch and the sums are added up. BLT is patched by its own (fp32) entropy
-    model, outside autocast, as in training. Returns val_bpb, val_bytes, FLOPs per byte and, for BLT, the
-    average patch size (and the entropy model's forward FLOPs per byte, counted apart as the paper does)."""
+             max_bytes: int | None = None, tokens=None) -> dict:
+    """Bits per byte of a "blt", byte-level ("entropy", "byte") or "bpe" model over val[:max_bytes]. Under
+    torchrun each process takes every N-th batch and the sums are added up. BLT is patched by its own (fp32)
+    entropy model, outside autocast, as in training. Returns val_bpb, val_bytes, FLOPs per byte and, for BLT,
+    the average patch size (and the entropy model's forward FLOPs per byte, counted apart as the paper does).
+    "bpe" needs tokens (tokens.TokenSetup) and ignores seq_len (its windows are tokens.seq_len tokens)."""
+    if kind == "bpe":
+        return evaluate_token_model(model, config, val, tokens, batch_size, dtype, device, max_bytes)
     was_training = model.training
     model.eval()
     nats, n_bytes, positions, patches = 0.0, 0, 0, 0
@@ -47,3 +55,17 @@ def evaluate(model, kind: str, config, val, seq_len: int, batch_size: int, dtype
         f = byte_transformer_flops_per_byte(config.dim, config.layers, min(config.window or seq_len, seq_len),
                                             config.multiple_of)
     return {**out, "train_flops_per_byte": f["train_total"], "forward_flops_per_byte": f["forward_total"]}
+
+
+@torch.no_grad()
+def evaluate_token_model(model, config, val, tokens, batch_size: int, dtype: str, device: torch.device,
+                         max_bytes: int | None) -> dict:
+    """The "bpe" case of evaluate: the same bytes, encoded. Every process evaluates all of them (the token
+    windows are few), so the result is the same on every rank."""
+    split = tokens.split(val, max_bytes)
+    with autocast(device, dtype):
+        out = evaluate_bpb(model, split, tokens.seq_len, batch_size, device)
+    bytes_per_token = split.n_bytes / max(1, split.n_tokens)  # the token model's "patch size"
+    f = token_flops_per_byte(config, bytes_per_token, tokens.seq_len)
+    return {"val_bpb": out["bpb"], "val_bytes": split.n_bytes, "bytes_per_token": bytes_per_token,
+            "train_flops_per_byte": f["train_total"], "forward_flops_per_byte": f["forward_total"]}

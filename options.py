@@ -34,12 +34,17 @@ def parse_args(argv, presets) -> argparse.Namespace:
     p.add_argument("--preset", choices=presets, default=None, help="cpu or gpu (default: gpu if CUDA is available)")
     p.add_argument("--stage", choices=("all", "entropy", "calibrate", "blt"), default="all",
                    help="run one stage alone (each reads what the previous one wrote into --out)")
-    p.add_argument("--model", choices=("blt", "byte"), default="blt", help="byte: a plain byte-level transformer")
+    p.add_argument("--model", choices=("blt", "byte", "bpe"), default="blt",
+                   help="byte: a plain byte-level transformer; bpe: a transformer over byte-level BPE tokens")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="--model bpe: BPE vocabulary, trained on the training split (default 4096: ~3 bytes per "
+                        "token on shakespeare)")
     p.add_argument("--patching", choices=("entropy", "monotonic", "strided", "space"), default="entropy")
     p.add_argument("--patch-size", type=float, default=None,
                    help="target average patch size (entropy schemes) or stride (strided)")
     p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a model config field (BLTConfig; ByteLMConfig with --model byte)")
+                   help="override a model config field (BLTConfig; ByteLMConfig with --model byte; "
+                        "tokens.TokenLMConfig with --model bpe)")
     p.add_argument("--out", default=None, help="output folder (default: out/<corpus>-<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the checkpoints in --out (finished stages are skipped)")
     p.add_argument("--overwrite", action="store_true", help="start over even if --out holds checkpoints")
@@ -52,7 +57,9 @@ def parse_args(argv, presets) -> argparse.Namespace:
     p.add_argument("--micro-batch-size", type=int, default=None,
                    help="windows per forward/backward in one process; the rest of the batch is gradient "
                         "accumulation (default: batch size / processes)")
-    p.add_argument("--seq-len", type=int, default=None, help="bytes per window of the main model")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="bytes per window of the main model; --model bpe reads round(seq_len / bytes per token "
+                        "of the training split) tokens, so every model's windows span the same bytes")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate of the main model")
     p.add_argument("--entropy-lr", type=float, default=None, help="peak learning rate of the entropy model")
     p.add_argument("--entropy-seq-len", type=int, default=None, help="bytes per window for the entropy model")

@@ -5,6 +5,7 @@
     draw_schemes        one sentence under the four patching schemes, paper figure 3 (tools/figures.py)
     draw_histograms     patch-size histograms per scheme (tools/figures.py)
     plot_bpb_vs_flops   validation bits per byte against training FLOPs, paper figure 1's axes (tools/experiments.py)
+    plot_patches_vs_tokens  BPE vs BLT at fixed inference FLOPs, and robustness to noise (tools/patches_vs_tokens.py)
 
 matplotlib is imported inside `pyplot()`, with the Agg backend, so importing this module costs nothing and
 no display is needed. Every figure is saved to a temporary name and renamed, so a reader never sees half a PNG.
@@ -150,5 +151,39 @@ def plot_bpb_vs_flops(runs: dict, path: Path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("Bits per byte against training compute")
+    fig.tight_layout()
+    save(fig, path, dpi=130)
+
+
+def plot_patches_vs_tokens(lines: dict, noise_increase: dict, path: Path):
+    """Paper figure 1 in miniature, and robustness to noise (tools/patches_vs_tokens.py).
+
+    lines: {model: {"label", "flops": [training FLOPs per budget], "bpb": [val BPB per budget], "seeds": [val BPB
+    of each seed at the last budget]}}, all at the same inference FLOPs per byte -> left: BPB against training
+    FLOPs (log x), one line per model, other seeds as open circles. noise_increase: {label: {noise: BPB
+    increase over clean}} -> right: grouped bars."""
+    plt = pyplot()
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [1.1, 1]})
+    for run in lines.values():
+        line, = ax.plot(run["flops"], run["bpb"], "o-", ms=4, label=run["label"])
+        ax.plot([run["flops"][-1]] * (len(run["seeds"]) - 1), run["seeds"][1:], "o", mfc="none",
+                color=line.get_color(), ms=6)
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs (paper section 4.5 accounting)")
+    ax.set_ylabel("validation bits per byte")
+    ax.set_title("Fixed inference FLOPs per byte: BPE vs BLT patch sizes\n(open circles: other seeds)", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    models = list(noise_increase)
+    kinds = list(next(iter(noise_increase.values())))
+    width = 0.8 / len(models)
+    for i, model in enumerate(models):
+        bars.bar([k + (i - (len(models) - 1) / 2) * width for k in range(len(kinds))],
+                 [noise_increase[model][kind] for kind in kinds], width, label=model)
+    bars.set_xticks(range(len(kinds)), kinds, fontsize=8)
+    bars.set_ylabel("increase in validation bits per byte")
+    bars.set_title("Robustness: bits per byte on noised text minus clean", fontsize=10)
+    bars.grid(alpha=0.3, axis="y")
+    bars.legend(fontsize=7)
     fig.tight_layout()
     save(fig, path, dpi=130)

@@ -215,8 +215,11 @@ class Run:
 
     def __init__(self, name: str, ckpt_path: Path, saved: dict, steps: int, time_budget: float | None,
                  bytes_per_step: int, final_eval_bytes: int, log_interval: int, stop_at: int | None,
-                 resume: dict | None):
+                 resume: dict | None, bytes_per_unit: float = 1.0):
+        # bytes_per_unit: bytes one loss term predicts (1, or a token model's average bytes per token), so
+        # that the logged training bpb is per byte for every model
         self.name, self.ckpt_path, self.saved, self.resume_from = name, ckpt_path, saved, resume
+        self.bytes_per_unit = bytes_per_unit
         self.steps, self.time_budget = (resume["steps"], resume["time_budget"]) if resume else (steps, time_budget)
         self.bytes_per_step, self.final_eval_bytes = bytes_per_step, final_eval_bytes
         self.log_interval, self.stop_at = log_interval, stop_at
@@ -265,12 +268,13 @@ class Run:
         rate = (step - self.logged_step) * self.bytes_per_step / max(1e-9, now - self.logged_time)
         self.logged_step, self.logged_time = step, now
         loss = DIST.sum([loss_sum.item()])[0] / DIST.world
+        bpb = loss / math.log(2) / self.bytes_per_unit
         if not math.isfinite(loss):
             raise TrainingError(f"{self.name}: loss became {loss} at step {step}; the last good checkpoint "
                                 f"{self.ckpt_path} was kept (try a lower --lr)")
         self.write({"type": "train", "step": step, "bytes": step * self.bytes_per_step, "time": self.clock.elapsed(),
-                    "lr": lr, "loss": loss, "bpb": loss / math.log(2), "bytes_per_s": rate})
-        self.bar.set_postfix(loss=f"{loss:.3f}", bpb=f"{loss / math.log(2):.3f}", bytes_s=f"{rate:,.0f}", refresh=False)
+                    "lr": lr, "loss": loss, "bpb": bpb, "bytes_per_s": rate})
+        self.bar.set_postfix(loss=f"{loss:.3f}", bpb=f"{bpb:.3f}", bytes_s=f"{rate:,.0f}", refresh=False)
 
     def evaluate(self, step: int, evaluate, max_bytes: int | None) -> dict:
         """metrics = evaluate(max_bytes), timed (for the clock's reserve) and logged."""

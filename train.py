@@ -6,6 +6,7 @@
     python train.py --stage blt              # 3. BLT with the frozen entropy model         -> OUT/blt_entropy.pt
     python train.py --patching space         # BLT baselines: strided | space | entropy | monotonic
     python train.py --model byte             # a plain byte-level transformer               -> OUT/byte.pt
+    python train.py --model bpe              # a BPE-token transformer (tokens.py)           -> OUT/bpe.pt
     python train.py --data tinyshakespeare --time-budget 300
     torchrun --standalone --nproc_per_node=N train.py ...   # N processes share each global batch (DDP)
 
@@ -47,6 +48,7 @@ from evaluation import evaluate  # noqa: E402
 from entropy_model import ByteLMConfig  # noqa: E402
 from patching import average_patch_size, calibrate_threshold, patch_lengths  # noqa: E402
 from plots import plot_curves  # noqa: E402
+from tokens import TokenLMConfig, get_token_batch, prepare_tokens  # noqa: E402
 from options import parse_args, parse_overrides  # noqa: E402
 from runtime import DIST, Interrupted, Run, TrainingError, UsageError, autocast, to_device  # noqa: E402
 
@@ -56,6 +58,7 @@ from runtime import DIST, Interrupted, Run, TrainingError, UsageError, autocast,
 CPU = dict(
     blt=cpu_tiny(),  # ~3M parameters outside the hash tables
     byte=ByteLMConfig(dim=256, layers=4, heads=4, window=None, multiple_of=32),  # the byte-level baseline
+    bpe=TokenLMConfig(vocab_size=4096, dim=256, layers=4, heads=4, multiple_of=32),  # ~3 bytes per token
     entropy_train=dict(seq_len=256, batch_size=32, lr=3e-3, warmup_steps=50),
     train=dict(seq_len=256, batch_size=32, lr=2e-3, warmup_steps=100),
     entropy_steps=400, steps=600,  # BLT ~1 s/step on 2 cores: 600 x 8 KiB = one epoch of the default corpus
@@ -66,6 +69,7 @@ PRESETS = {
     "cpu": CPU,  # 2 CPU cores: the whole pipeline in about 10 minutes
     "gpu": {**CPU, **dict(  # one GPU, about an hour; meant for a larger corpus (--data enwik8)
         blt=one_gpu(), byte=ByteLMConfig(dim=768, layers=12, heads=12, window=None, multiple_of=256),
+        bpe=TokenLMConfig(vocab_size=4096, dim=768, layers=12, heads=12),
         entropy_train=dict(seq_len=1024, batch_size=64, lr=1e-3, warmup_steps=500),
         train=dict(seq_len=1024, batch_size=64, lr=4e-4, warmup_steps=2000),
         entropy_steps=5000, steps=30000, entropy_time_share=0.1,
@@ -113,11 +117,11 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device
 
 class Task:
     """One model being trained, and how a batch becomes its loss or its bits per byte. kind: "entropy" (the
-    entropy model), "blt", or "byte" (the byte-level baseline); the last two are scored the same way."""
+    entropy model), "blt", "byte" or "bpe" (the baselines; bpe reads token windows of tokens.TokenSetup)."""
 
-    def __init__(self, kind: str, model: torch.nn.Module, config, tc: TrainConfig, device, compile_model: bool):
+    def __init__(self, kind: str, model: torch.nn.Module, config, tc: TrainConfig, device, compile_model: bool, tokens=None):
         self.kind, self.model, self.config, self.tc, self.device = kind, model.to(device), config, tc, device
-        self.compile_model, self.forward = compile_model, self.model
+        self.compile_model, self.forward, self.tokens = compile_model, self.model, tokens
 
     def prepare(self):
         """After the weights are loaded: wrap for DDP (several processes), then compile."""
@@ -130,8 +134,14 @@ class Task:
         lengths = self.model.patch(x)
         return F.pad(lengths, (0, -lengths.shape[1] % 16)) if self.compile_model else lengths
 
+    def batch(self, train, step: int) -> tuple[torch.Tensor, torch.Tensor]:  # this process's rows, (B, T) each
+        tc, rows = self.tc, DIST.rows(self.tc.batch_size)
+        if self.kind == "bpe":
+            return get_token_batch(self.tokens.train, tc.batch_size, self.tokens.seq_len, tc.seed, step, rows)
+        return get_batch(train, tc.batch_size, tc.seq_len, tc.seed, step, rows)
+
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Mean next-byte cross-entropy (nats) of one (micro-)batch: x, y (B, T)."""
+        """Mean next-byte (next-token) cross-entropy in nats of one (micro-)batch: x, y (B, T)."""
         x, y = to_device(x, self.device), to_device(y, self.device)
         extra = {"patch_lengths": self.patch(x)} if self.kind == "blt" else {}
         with autocast(self.device, self.tc.dtype):
@@ -143,11 +153,11 @@ class Task:
 
     def evaluate(self, val, max_bytes: int | None) -> dict:
         return evaluate(self.model, self.kind, self.config, val, self.tc.seq_len, self.tc.batch_size,
-                        self.tc.dtype, self.device, max_bytes)
+                        self.tc.dtype, self.device, max_bytes, self.tokens)
 
 
 def train_loop(task: Task, corpus, run: Run, opts) -> dict:
-    """The training loop, the same for the entropy model, BLT and the byte baseline. Returns final metrics.
+    """The training loop, the same for the entropy model, BLT and both baselines. Returns final metrics.
 
     lr -> batch -> forward/backward (accumulated over micro-batches) -> clip -> step -> log / evaluate /
     checkpoint. Without a time budget it takes `steps` steps: a resumed run replays an uninterrupted one
@@ -164,7 +174,7 @@ def train_loop(task: Task, corpus, run: Run, opts) -> dict:
         lr = lr_at(step, tc, progress)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = get_batch(corpus.train, tc.batch_size, tc.seq_len, tc.seed, step, DIST.rows(tc.batch_size))
+        x, y = task.batch(corpus.train, step)
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for i, part in enumerate(micro_batches):
@@ -191,10 +201,11 @@ def train_loop(task: Task, corpus, run: Run, opts) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 def train_model(kind: str, name: str, config, make_model, tc: TrainConfig, steps: int, corpus, out: Path,
-                time_budget: float | None, opts, describe: str) -> dict:
+                time_budget: float | None, opts, describe: str, tokens=None) -> dict:
     """Train (or continue, or skip if finished) one model into OUT/name.pt; print its summary."""
     ckpt_path = out / f"{name}.pt"
-    resume = start_or_resume(ckpt_path, kind, asdict(config), tc, opts)
+    saved = {"kind": kind, "config": asdict(config), "train": asdict(tc), **(tokens.saved() if tokens else {})}
+    resume = start_or_resume(ckpt_path, saved, opts)
     if resume is not None and resume["done"]:
         DIST.say(f"{name}: already trained ({resume['step']} steps) in {ckpt_path}, skipping")
         return resume["metrics"]
@@ -203,30 +214,32 @@ def train_model(kind: str, name: str, config, make_model, tc: TrainConfig, steps
     DIST.say(f"{name}: {describe}; parameters {', '.join(f'{k} {v:,}' for k, v in count_parameters(model).items() if v)}; "
              f"{tc.batch_size} x {tc.seq_len} bytes per step" + (f"; resuming at step {resume['step']}" if resume else "")
              + (f"; {DIST.world} processes" if DIST.enabled else ""))
-    task = Task(kind, model, config, tc, opts.device, opts.compile)
+    task = Task(kind, model, config, tc, opts.device, opts.compile, tokens)
     final_bytes = min(len(corpus.val), opts.final_eval_bytes or len(corpus.val))
-    saved = {"kind": kind, "config": asdict(config), "train": asdict(tc)}
-    with Run(name, ckpt_path, saved, steps, time_budget, tc.batch_size * tc.seq_len, final_bytes,
-             opts.log_interval, opts.stop_at, resume) as run:
+    bytes_per_step = round(tc.batch_size * (tokens.bytes_per_window if tokens else tc.seq_len))
+    with Run(name, ckpt_path, saved, steps, time_budget, bytes_per_step, final_bytes,
+             opts.log_interval, opts.stop_at, resume, tokens.train_bytes_per_token if tokens else 1.0) as run:
         m = train_loop(task, corpus, run, opts)
     DIST.say(f"{name}: val {m['val_bpb']:.4f} bpb over {m['val_bytes']:,} bytes"
              + (f" | avg patch {m['patch_size']:.2f} bytes" if "patch_size" in m else "")
+             + (f" | {m['bytes_per_token']:.2f} bytes per token" if "bytes_per_token" in m else "")
              + f" | {m['train_flops_per_byte'] / 1e6:.1f} MFLOP/byte train | {m['steps']} steps in {m['stage_seconds']:.0f} s")
     return m
 
 
-def start_or_resume(ckpt_path: Path, kind: str, config: dict, tc: TrainConfig, opts) -> dict | None:
+def start_or_resume(ckpt_path: Path, saved: dict, opts) -> dict | None:
     """None to start fresh; the checkpoint to continue (or to skip, if done). Refuses to overwrite a
-    checkpoint without --resume or --overwrite, and refuses one written with another config."""
+    checkpoint without --resume or --overwrite, and refuses one written with another config (or tokenizer)."""
     if not ckpt_path.exists() or opts.overwrite:
         return None
     if not opts.resume:
         raise UsageError(f"{ckpt_path} already exists: pass --resume to continue it, --overwrite to start over, "
                          f"or --out DIR to write elsewhere")
     ckpt = read_checkpoint(ckpt_path)
-    if ckpt["kind"] != kind:
-        raise CheckpointError(f"{ckpt_path} holds a {ckpt['kind']} model, not a {kind} model")
-    diff = config_difference(ckpt["config"], config) or config_difference(ckpt.get("train", {}), asdict(tc))
+    if ckpt["kind"] != saved["kind"]:
+        raise CheckpointError(f"{ckpt_path} holds a {ckpt['kind']} model, not a {saved['kind']} model")
+    diff = next(filter(None, (config_difference(ckpt.get(k, {}), saved[k]) for k in ("config", "train", "tokens")
+                              if k in saved)), None)  # "tokens" holds the tokenizer's digest, not its JSON
     if diff:
         raise CheckpointError(f"{ckpt_path} was written with another config ({diff}); rerun with the same "
                               f"flags, or drop --resume and use --out DIR")
@@ -281,9 +294,9 @@ def load_calibration(out: Path, blt_cfg: BLTConfig, entropy_cfg: ByteLMConfig) -
     return cal["threshold"]
 
 
-def run_stages(args, opts, corpus, out: Path, blt_cfg: BLTConfig, byte_cfg: ByteLMConfig, tc: TrainConfig,
+def run_stages(args, opts, corpus, out: Path, blt_cfg: BLTConfig, baseline_cfg, tc: TrainConfig,
                entropy_tc: TrainConfig, stages: list[str], preset: dict, budget_left):
-    """Stage 1 (entropy model) -> stage 2 (calibration) -> stage 3 (BLT), or the byte baseline alone."""
+    """Stage 1 (entropy model) -> stage 2 (calibration) -> stage 3 (BLT), or one baseline (byte or bpe) alone."""
     entropy_cfg = ByteLMConfig.of_blt(blt_cfg)
     steps = args.steps or preset["steps"]
     if "entropy" in stages:
@@ -308,8 +321,14 @@ def run_stages(args, opts, corpus, out: Path, blt_cfg: BLTConfig, byte_cfg: Byte
         train_model("blt", f"blt_{blt_cfg.patching}", blt_cfg, make_blt, tc, steps, corpus, out, budget_left(),
                     opts, f"BLT with {blt_cfg.patching} patching (patch size {blt_cfg.patch_size:g})")
     if "byte" in stages:
-        train_model("byte", "byte", byte_cfg, byte_cfg.build, tc, steps, corpus, out, budget_left(), opts,
+        train_model("byte", "byte", baseline_cfg, baseline_cfg.build, tc, steps, corpus, out, budget_left(), opts,
                     "plain byte-level transformer (no patches)")
+    if "bpe" in stages:  # every process trains (or loads) the same tokenizer: deterministic, written atomically
+        tokens = prepare_tokens(corpus.train, baseline_cfg.vocab_size, tc.seq_len)
+        baseline_cfg.vocab_size = tokens.tokenizer.vocab_size  # fewer ids than asked if pairs ran out
+        train_model("bpe", "bpe", baseline_cfg, baseline_cfg.build, tc, steps, corpus, out, budget_left(), opts,
+                    f"BPE-token transformer ({tokens.train_bytes_per_token:.2f} bytes per token: windows of "
+                    f"{tokens.seq_len} tokens)", tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -357,8 +376,10 @@ def run(args):
         blt_cfg = BLTConfig.from_dict({**blt_cfg.to_dict(), **parse_overrides(args.config, BLTConfig),
                                        "patching": args.patching,
                                        **({"patch_size": args.patch_size} if args.patch_size else {})})
-    byte_cfg = ByteLMConfig(**{**asdict(preset["byte"]),
-                               **(parse_overrides(args.config, ByteLMConfig) if args.model == "byte" else {})})
+    base = "bpe" if args.model == "bpe" else "byte"  # the baseline's config (unused when training BLT)
+    overrides = parse_overrides(args.config, type(preset[base])) if args.model == base else {}
+    overrides |= {"vocab_size": args.vocab_size} if args.vocab_size and base == "bpe" else {}
+    baseline_cfg = type(preset[base])(**{**asdict(preset[base]), **overrides})
     flags = dict(seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                  weight_decay=args.weight_decay, dtype=args.dtype)
     tc = TrainConfig(**{**preset["train"], **{k: v for k, v in flags.items() if v is not None}, "seed": args.seed})
@@ -374,15 +395,15 @@ def run(args):
         stop_at=args.stop_at, micro_batch_size=args.micro_batch_size)
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other")
-    if args.model == "byte":
-        stages = ["byte"]
+    if args.model in ("byte", "bpe"):
+        stages = [args.model]
     elif args.stage == "all":
         stages = ["entropy", "calibrate", "blt"] if blt_cfg.patching in ("entropy", "monotonic") else ["blt"]
     else:
         stages = [args.stage]
     if "calibrate" in stages and blt_cfg.patching not in ("entropy", "monotonic"):
         raise UsageError(f"--stage calibrate needs entropy or monotonic patching, not {blt_cfg.patching}")
-    trained = [("--batch-size", tc)] if {"blt", "byte"} & set(stages) else []
+    trained = [("--batch-size", tc)] if {"blt", "byte", "bpe"} & set(stages) else []
     trained += [("the entropy model's batch size", entropy_tc)] if "entropy" in stages else []
     for what, t in trained:
         per_rank = t.batch_size // DIST.world
@@ -402,7 +423,7 @@ def run(args):
     DIST.say(f"{corpus.describe()} | preset {preset_name} | device {device} | {torch.get_num_threads()} threads"
              + (f" x {DIST.world} processes" if DIST.enabled else "") + f" | out {out}")
     budget_left = lambda: None if args.time_budget is None else args.time_budget - (time.time() - t_start)  # noqa: E731
-    run_stages(args, opts, corpus, out, blt_cfg, byte_cfg, tc, entropy_tc, stages, preset, budget_left)
+    run_stages(args, opts, corpus, out, blt_cfg, baseline_cfg, tc, entropy_tc, stages, preset, budget_left)
     if DIST.main and sorted(out.glob("*.jsonl")):
         plot_curves(sorted(out.glob("*.jsonl")), out / "curves.png", f"{name}: validation bits per byte")
     DIST.say(f"done in {time.time() - t_start:.0f} s; metrics, checkpoints and curves in {out}")

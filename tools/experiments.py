@@ -2,6 +2,7 @@
 
     python tools/experiments.py                 # CPU preset: under an hour on 2 cores
     python tools/experiments.py --preset gpu    # one GPU
+    python tools/experiments.py --study tokens  # patches versus tokens (BPE baseline): tools/patches_vs_tokens.py
 
 Every model is trained by train.py on the default corpus with the same batches, so all see the same bytes
 (matched data), and is evaluated on the same held-out bytes. The plain byte-level transformer is sized so
@@ -80,7 +81,17 @@ def matched_byte_dim(blt_cfg: BLTConfig, patch_size: float, seq_len: int, layers
 
 
 def main(argv=None):
+    study = argparse.ArgumentParser(add_help=False)
+    study.add_argument("--study", choices=("bytes", "tokens"), default="bytes")
+    known, rest = study.parse_known_args(argv)
+    if known.study == "tokens":  # its own flags: python tools/patches_vs_tokens.py --help
+        sys.path.insert(0, str(ROOT / "tools"))
+        import patches_vs_tokens
+        return patches_vs_tokens.main(rest)
+    argv = rest
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--study", choices=("bytes", "tokens"), default="bytes",
+                   help="bytes: this study; tokens: patches versus tokens (tools/patches_vs_tokens.py, own flags)")
     p.add_argument("--preset", choices=PRESETS, default="cpu")
     p.add_argument("--data", default="shakespeare", help="corpus (train.py --data)")
     p.add_argument("--patch-size", type=float, default=4.0, help="target average patch size of the entropy schemes")
