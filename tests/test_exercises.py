@@ -148,7 +148,8 @@ def test_command_line(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
     assert kit.main(["--student", str(REPO / "student-copy")]) == 1  # would be copied into the next copy
     assert "inside the repository" in capsys.readouterr().err and not (REPO / "student-copy").exists()
-    for bad in (["--student", str(tmp_path / "t"), "--stage", "8"], ["--teacher", str(tmp_path / "t"), "--stage", "2"]):
+    for bad in (["--student", str(tmp_path / "t"), "--stage", str(STAGES[-1] + 1)],
+                ["--teacher", str(tmp_path / "t"), "--stage", "2"]):
         with pytest.raises(SystemExit):
             kit.main(bad)
 
@@ -225,12 +226,12 @@ def marked_test_files(root: Path) -> list[str]:
                   if re.search(r"pytest\.mark\.stage\d", p.read_text(encoding="utf-8")))
 
 
-def run_stage_tests(root: Path, stages: list[int], work: Path, every_file: bool = False, extra: tuple = ()
+def run_stage_tests(root: Path, stages: list[int], work: Path, files: list[str] | None = None, extra: tuple = ()
                     ) -> tuple[subprocess.CompletedProcess, dict]:
-    """pytest -m 'stageA or stageB' in the copy at root, in a subprocess, as a student runs it: on the whole
-    tests folder (every_file: every module is imported, so none may fail to import in a student version), or
-    on the files that hold stage marks (faster). Returns the process and {test id: (stage, outcome, message)};
-    a collection error comes back as the test id "<collection>"."""
+    """pytest -m 'stageA or stageB' [extra] in the copy at root, in a subprocess, on `files` (["tests"]: as a
+    student runs it, every module imported, so none may fail to import in a student version) or by default on
+    the files that hold stage marks (faster). Returns the process and {test id: (stage, outcome, message)}; a
+    collection error comes back as the test id "<collection>"."""
     report = work / "stage_report.json"
     plugin_dir = work / "plugin"
     plugin_dir.mkdir(parents=True, exist_ok=True)
@@ -240,7 +241,7 @@ def run_stage_tests(root: Path, stages: list[int], work: Path, every_file: bool 
                PYTHONPATH=os.pathsep.join([str(plugin_dir), *filter(None, [os.environ.get("PYTHONPATH")])]))
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "--tb=short", "-m", " or ".join(f"stage{n}" for n in stages),
-         *(["tests"] if every_file else marked_test_files(root)), *extra, "-p", "stage_report",
+         *(files or marked_test_files(root)), *extra, "-p", "stage_report",
          # plugins the stage tests do not use cost a second per run
          "-p", "no:cacheprovider", "-p", "no:benchmark", "-p", "no:hypothesispytest", f"--basetemp={work / 'tmp'}"],
         cwd=root, env=env, capture_output=True, text=True, timeout=600)
@@ -285,20 +286,21 @@ def check_run(name: str, proc, results: dict, expect: dict[int, str]) -> list[st
 def test_stage_tests_in_student_and_teacher_versions(tmp_path):
     last = STAGES[-1]
     # the student version collects every test module, as `python -m pytest -m stageN` does there
-    jobs = [("student", dict(student=True), STAGES, {1: "stub", **{n: "stub-any" for n in STAGES[1:]}}, True)]
+    jobs = [("student", dict(student=True), STAGES, {1: "stub", **{n: "stub-any" for n in STAGES[1:]}}, ["tests"])]
     for n in STAGES[1:]:  # stages n..last stripped: n-1 goes green on its own, n fails with its own stub
         later = set(range(n, last + 1))
         jobs.append((f"stages {n}-{last} stripped", dict(student=True, stages=later), [n - 1, n],
-                     {n - 1: "pass", n: "stub"}, False))
-    jobs.append(("teacher", dict(student=False), STAGES, {n: "pass" for n in STAGES}, False))
+                     {n - 1: "pass", n: "stub"}, None))
+    jobs.append(("teacher", dict(student=False), STAGES, {n: "pass" for n in STAGES}, None))
 
     def run(job):
-        name, copy_args, stages, expect, every_file = job
+        name, copy_args, stages, expect, files = job
         work = tmp_path / re.sub(r"\W+", "_", name)
         kit.make_copy(work / "repo", **copy_args)
-        proc, results = run_stage_tests(work / "repo", stages, work, every_file)
+        proc, results = run_stage_tests(work / "repo", stages, work, files)
         return check_run(name, proc, results, expect)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         problems = [p for found in pool.map(run, jobs) for p in found]
     assert not problems, "\n\n".join(problems)
+
