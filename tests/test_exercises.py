@@ -304,3 +304,63 @@ def test_stage_tests_in_student_and_teacher_versions(tmp_path):
         problems = [p for found in pool.map(run, jobs) for p in found]
     assert not problems, "\n\n".join(problems)
 
+
+# ---- stage 8: the recipe test catches a broken training loop ----
+
+RECIPE_TEST = "tests/test_training_loop.py::test_train_loop_follows_the_recipe"
+# what a student may get wrong in train.py's train_loop -> (a text found on exactly one line of the stage 8
+# region, what replaces it); None replaces the whole line by `pass`
+MUTATIONS = {
+    "no zero_grad": (".zero_grad(", None),
+    "no clipping": ("clip_grad_norm_(", None),
+    "no learning-rate update": ('["lr"] = ', None),
+    "loss not divided among micro-batches": (" / len(micro_batches)", ""),
+}
+
+
+def mutate(source: str, needle: str, replacement: str | None) -> str:
+    """train.py with one line of its stage 8 region (the training step) changed."""
+    [region] = [r for r in kit.find_regions(source, "train.py") if r.stage == 8]
+    lines = source.splitlines(keepends=True)
+    hits = [i for i in range(region.first, region.last - 1) if needle in lines[i]]  # 0-based, inside the markers
+    assert len(hits) == 1, f"{needle!r} should be on exactly one line of train.py's stage 8 region"
+    line = lines[hits[0]]
+    if replacement is None:
+        lines[hits[0]] = line[:len(line) - len(line.lstrip())] + "pass\n"
+    else:
+        lines[hits[0]] = line.replace(needle, replacement)
+    mutated = "".join(lines)
+    compile(mutated, "train.py", "exec")
+    return mutated
+
+
+def test_recipe_test_fails_for_a_broken_training_loop(tmp_path):
+    """Stage 8's recipe test passes with train.py as it is, and fails (an assertion, not a crash) when the
+    training step forgets to zero the gradients, to clip them, to set the learning rate, or to divide the loss
+    among the micro-batches. Each in a teacher copy, in a pytest subprocess."""
+    source = (REPO / "train.py").read_text(encoding="utf-8")
+    jobs = [("unchanged", source)] + [(name, mutate(source, *change)) for name, change in MUTATIONS.items()]
+
+    def run(job):
+        name, text = job
+        work = tmp_path / re.sub(r"\W+", "_", name)
+        kit.make_copy(work / "repo", student=False)
+        (work / "repo" / "train.py").write_text(text, encoding="utf-8")
+        proc, results = run_stage_tests(work / "repo", [STAGES[-1]], work, files=[RECIPE_TEST])
+        found = {t: r for t, r in results.items() if t == RECIPE_TEST}
+        if len(found) != 1:
+            output = (proc.stdout + proc.stderr)[-3000:]
+            return [f"{name}: {RECIPE_TEST} did not run once (exit {proc.returncode}):\n{output}"]
+        [(stage, outcome, message)] = found.values()
+        if stage != STAGES[-1]:
+            return [f"{name}: {RECIPE_TEST} is marked stage {stage}, not {STAGES[-1]}"]
+        if name == "unchanged" and outcome != "passed":
+            return [f"{name}: {RECIPE_TEST} should pass, {outcome}:\n{message[-1500:]}"]
+        failed_an_assertion = outcome == "failure" and re.search(r"^E +(AssertionError\b|assert )", message, re.M)
+        if name != "unchanged" and not failed_an_assertion:
+            return [f"{name}: {RECIPE_TEST} should fail an assertion, {outcome}:\n{message[-1500:]}"]
+        return []
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        problems = [p for found in pool.map(run, jobs) for p in found]
+    assert not problems, "\n\n".join(problems)
