@@ -226,9 +226,9 @@ def marked_test_files(root: Path) -> list[str]:
                   if re.search(r"pytest\.mark\.stage\d", p.read_text(encoding="utf-8")))
 
 
-def run_stage_tests(root: Path, stages: list[int], work: Path, files: list[str] | None = None, extra: tuple = ()
+def run_stage_tests(root: Path, stages: list[int], work: Path, files: list[str] | None = None
                     ) -> tuple[subprocess.CompletedProcess, dict]:
-    """pytest -m 'stageA or stageB' [extra] in the copy at root, in a subprocess, on `files` (["tests"]: as a
+    """pytest -m 'stageA or stageB' in the copy at root, in a subprocess, on `files` (["tests"]: as a
     student runs it, every module imported, so none may fail to import in a student version) or by default on
     the files that hold stage marks (faster). Returns the process and {test id: (stage, outcome, message)}; a
     collection error comes back as the test id "<collection>"."""
@@ -241,7 +241,7 @@ def run_stage_tests(root: Path, stages: list[int], work: Path, files: list[str] 
                PYTHONPATH=os.pathsep.join([str(plugin_dir), *filter(None, [os.environ.get("PYTHONPATH")])]))
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "--tb=short", "-m", " or ".join(f"stage{n}" for n in stages),
-         *(files or marked_test_files(root)), *extra, "-p", "stage_report",
+         *(files or marked_test_files(root)), "-p", "stage_report",
          # plugins the stage tests do not use cost a second per run
          "-p", "no:cacheprovider", "-p", "no:benchmark", "-p", "no:hypothesispytest", f"--basetemp={work / 'tmp'}"],
         cwd=root, env=env, capture_output=True, text=True, timeout=600)
@@ -307,6 +307,7 @@ def test_stage_tests_in_student_and_teacher_versions(tmp_path):
 
 # ---- stage 8: the recipe test catches a broken training loop ----
 
+LOOP_STAGE = 8  # the training loop
 RECIPE_TEST = "tests/test_training_loop.py::test_train_loop_follows_the_recipe"
 # what a student may get wrong in train.py's train_loop -> (a text found on exactly one line of the stage 8
 # region, what replaces it); None replaces the whole line by `pass`
@@ -320,7 +321,7 @@ MUTATIONS = {
 
 def mutate(source: str, needle: str, replacement: str | None) -> str:
     """train.py with one line of its stage 8 region (the training step) changed."""
-    [region] = [r for r in kit.find_regions(source, "train.py") if r.stage == 8]
+    [region] = [r for r in kit.find_regions(source, "train.py") if r.stage == LOOP_STAGE]
     lines = source.splitlines(keepends=True)
     hits = [i for i in range(region.first, region.last - 1) if needle in lines[i]]  # 0-based, inside the markers
     assert len(hits) == 1, f"{needle!r} should be on exactly one line of train.py's stage 8 region"
@@ -346,14 +347,14 @@ def test_recipe_test_fails_for_a_broken_training_loop(tmp_path):
         work = tmp_path / re.sub(r"\W+", "_", name)
         kit.make_copy(work / "repo", student=False)
         (work / "repo" / "train.py").write_text(text, encoding="utf-8")
-        proc, results = run_stage_tests(work / "repo", [STAGES[-1]], work, files=[RECIPE_TEST])
+        proc, results = run_stage_tests(work / "repo", [LOOP_STAGE], work, files=[RECIPE_TEST])
         found = {t: r for t, r in results.items() if t == RECIPE_TEST}
         if len(found) != 1:
             output = (proc.stdout + proc.stderr)[-3000:]
             return [f"{name}: {RECIPE_TEST} did not run once (exit {proc.returncode}):\n{output}"]
         [(stage, outcome, message)] = found.values()
-        if stage != STAGES[-1]:
-            return [f"{name}: {RECIPE_TEST} is marked stage {stage}, not {STAGES[-1]}"]
+        if stage != LOOP_STAGE:
+            return [f"{name}: {RECIPE_TEST} is marked stage {stage}, not {LOOP_STAGE}"]
         if name == "unchanged" and outcome != "passed":
             return [f"{name}: {RECIPE_TEST} should pass, {outcome}:\n{message[-1500:]}"]
         failed_an_assertion = outcome == "failure" and re.search(r"^E +(AssertionError\b|assert )", message, re.M)
