@@ -171,6 +171,7 @@ def train_loop(task: Task, corpus, run: Run, opts) -> dict:
     model.train()
     progress = run.progress(step)
     while progress < 1.0:
+        # --- solution: stage 8: one step: lr, batch, zero_grad, forward/backward, clip, AdamW step (paper §4) ---
         lr = lr_at(step, tc, progress)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -184,6 +185,7 @@ def train_loop(task: Task, corpus, run: Run, opts) -> dict:
             loss_sum = loss_sum + loss.detach()
         torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
         optimizer.step()
+        # --- end solution ---
         step += 1
         progress = run.progress(step)  # the same on every process, which also agree on a pending Ctrl-C
         last = progress >= 1.0

@@ -1,19 +1,21 @@
-"""The course kit (make_exercises.py, exercises.md, tests/test_stageN_*.py).
+"""The course kit (make_exercises.py, exercises.md, and the tests marked `@pytest.mark.stageN`).
 
-Fast checks of the markers, the stripping and the copies, then one end-to-end check that runs the stage
-tests in generated copies, each in a pytest subprocess (about a minute on 2 cores):
-  * the student version (every stage stripped): every stage test fails with NotImplementedError, none with
-    an import or collection error;
-  * for N = 2..7, a copy with stages N..7 stripped: stage N-1's solution is back in and its tests pass while
-    every later stage is still missing; stage N's tests fail with stage N's own NotImplementedError (so no
-    stage's tests depend on a later stage);
+A test grades stage N when it carries the mark stageN (pytest.ini lists the marks); the marks sit on the
+module tests, next to the tests of the same code that grade no stage. Fast checks of the markers, the
+stripping and the copies, then one end-to-end check that runs `pytest -m stageN` in generated copies, each in
+a pytest subprocess (a few minutes on 2 busy cores), and reads each test's stage from its marks:
+  * the student version (every stage stripped), collecting every test module: none fails to import, and
+    every stage test fails with NotImplementedError;
+  * for N = 2..last, a copy with stages N..last stripped: stage N-1's solution is back in and its tests pass
+    while every later stage is still missing; stage N's tests fail with stage N's own NotImplementedError (so
+    no stage's tests depend on a later stage);
   * the teacher version: every stage test passes.
 """
+import json
 import os
 import re
 import subprocess
 import sys
-import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -146,7 +148,8 @@ def test_command_line(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
     assert kit.main(["--student", str(REPO / "student-copy")]) == 1  # would be copied into the next copy
     assert "inside the repository" in capsys.readouterr().err and not (REPO / "student-copy").exists()
-    for bad in (["--student", str(tmp_path / "t"), "--stage", "8"], ["--teacher", str(tmp_path / "t"), "--stage", "2"]):
+    for bad in (["--student", str(tmp_path / "t"), "--stage", str(STAGES[-1] + 1)],
+                ["--teacher", str(tmp_path / "t"), "--stage", "2"]):
         with pytest.raises(SystemExit):
             kit.main(bad)
 
@@ -160,40 +163,96 @@ def test_guide_readme_and_markers_are_wired_up():
     assert "exercises.md" in (REPO / "README.md").read_text(encoding="utf-8")
     ini = (REPO / "pytest.ini").read_text()
     assert all(f"stage{n}:" in ini for n in STAGES)
-    stage_files = sorted(p.name for p in (REPO / "tests").glob("test_stage*_*.py"))
-    assert [int(re.match(r"test_stage(\d+)_", name)[1]) for name in stage_files] == STAGES
-    for name in stage_files:
-        n = re.match(r"test_stage(\d+)_", name)[1]
-        assert f"pytestmark = pytest.mark.stage{n}\n" in (REPO / "tests" / name).read_text(), name
+    # every stage marks tests, and its "Grade:" line in the guide names exactly the files that hold its marks
+    marks = stage_marks()
+    assert sorted(marks) == STAGES, marks
+    grades = {int(n): set(re.findall(r"tests/(test_\w+\.py)", files))
+              for n, files in re.findall(r"Grade: `python -m pytest -m stage(\d+)` \(([^)]*)\)", guide)}
+    assert grades == marks
+
+
+def stage_marks(root: Path = REPO) -> dict[int, set[str]]:
+    """stage -> the test files that mark tests with it (`@pytest.mark.stageN`, or a module's `pytestmark`)."""
+    marks = {}
+    for path in sorted((root / "tests").glob("test_*.py")):
+        if f"tests/{path.name}" not in kit.KIT_FILES:
+            for n in re.findall(r"pytest\.mark\.stage(\d+)\b", path.read_text(encoding="utf-8")):
+                marks.setdefault(int(n), set()).add(path.name)
+    return marks
 
 
 # ---- the stage tests in generated copies ----
 
-def run_stage_tests(root: Path, stages: list[int], work: Path) -> tuple[subprocess.CompletedProcess, dict]:
-    """pytest -m 'stageA or stageB' on the stage test files of the copy at root, in a subprocess.
-    Returns the process and {test id: (stage, outcome, message)} from its JUnit report."""
-    junit = work / "junit.xml"
-    files = sorted(str(p.relative_to(root)) for p in (root / "tests").glob("test_stage*_*.py"))
+# A pytest plugin, loaded from outside the copy (`-p`), that records for every test its stage marks, its outcome
+# and its failure text, and every collection error, as JSON in $STAGE_REPORT. The stage of a test is its
+# `@pytest.mark.stageN` (or a module's `pytestmark`), not the name of its file.
+REPORT_PLUGIN = """
+import json, os, re
+
+_tests, _errors = {}, []
+
+
+def pytest_collection_finish(session):
+    for item in session.items:
+        stages = sorted({int(m.name[5:]) for m in item.iter_markers() if re.fullmatch(r"stage[0-9]+", m.name)})
+        _tests[item.nodeid] = {"stages": stages, "outcome": "passed", "message": ""}
+
+
+def pytest_collectreport(report):
+    if report.failed:
+        _errors.append(f"{report.nodeid}: {report.longreprtext[-3000:]}")
+
+
+def pytest_runtest_logreport(report):
+    test = _tests.get(report.nodeid)
+    if test is None or test["outcome"] != "passed" or report.passed:
+        return
+    if report.skipped:
+        test["outcome"] = "skipped"
+    else:
+        test["outcome"] = "failure" if report.when == "call" else "error"
+    test["message"] = report.longreprtext
+
+
+def pytest_sessionfinish(session):
+    with open(os.environ["STAGE_REPORT"], "w") as f:
+        json.dump({"tests": _tests, "collection_errors": _errors}, f)
+"""
+
+
+def marked_test_files(root: Path) -> list[str]:
+    """The test files that hold a stage mark (pytest.mark.stageN)."""
+    return sorted(str(p.relative_to(root)) for p in (root / "tests").glob("test_*.py")
+                  if re.search(r"pytest\.mark\.stage\d", p.read_text(encoding="utf-8")))
+
+
+def run_stage_tests(root: Path, stages: list[int], work: Path, files: list[str] | None = None
+                    ) -> tuple[subprocess.CompletedProcess, dict]:
+    """pytest -m 'stageA or stageB' in the copy at root, in a subprocess, on `files` (["tests"]: as a
+    student runs it, every module imported, so none may fail to import in a student version) or by default on
+    the files that hold stage marks (faster). Returns the process and {test id: (stage, outcome, message)}; a
+    collection error comes back as the test id "<collection>"."""
+    report = work / "stage_report.json"
+    plugin_dir = work / "plugin"
+    plugin_dir.mkdir(parents=True, exist_ok=True)
+    (plugin_dir / "stage_report.py").write_text(REPORT_PLUGIN)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    env.update(PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")
+    env.update(PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1", STAGE_REPORT=str(report),
+               PYTHONPATH=os.pathsep.join([str(plugin_dir), *filter(None, [os.environ.get("PYTHONPATH")])]))
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "--tb=short", "-m", " or ".join(f"stage{n}" for n in stages), *files,
+        [sys.executable, "-m", "pytest", "-q", "--tb=short", "-m", " or ".join(f"stage{n}" for n in stages),
+         *(files or marked_test_files(root)), "-p", "stage_report",
          # plugins the stage tests do not use cost a second per run
-         "-p", "no:cacheprovider", "-p", "no:benchmark", "-p", "no:hypothesispytest",
-         f"--junitxml={junit}", f"--basetemp={work / 'tmp'}"],
+         "-p", "no:cacheprovider", "-p", "no:benchmark", "-p", "no:hypothesispytest", f"--basetemp={work / 'tmp'}"],
         cwd=root, env=env, capture_output=True, text=True, timeout=600)
     results = {}
-    if junit.exists():
-        for case in ET.parse(junit).getroot().iter("testcase"):
-            stage = re.search(r"test_stage(\d+)_", case.get("classname", "") + case.get("name", ""))
-            outcome, message = "passed", ""
-            for tag in ("failure", "error", "skipped"):
-                node = case.find(tag)
-                if node is not None:
-                    outcome, message = tag, (node.get("message") or "") + "\n" + (node.text or "")
-                    break
-            test = f"{case.get('classname')}::{case.get('name')}"
-            results[test] = (int(stage[1]) if stage else None, outcome, message)
+    if report.exists():
+        found = json.loads(report.read_text())
+        for test, r in found["tests"].items():
+            stage = r["stages"][0] if len(r["stages"]) == 1 else tuple(r["stages"]) or None
+            results[test] = (stage, r["outcome"], r["message"])
+        if found["collection_errors"]:
+            results["<collection>"] = (None, "error", "\n".join(found["collection_errors"]))
     return proc, results
 
 
@@ -202,8 +261,10 @@ def check_run(name: str, proc, results: dict, expect: dict[int, str]) -> list[st
     (fails with some stage's NotImplementedError). Returns the problems found."""
     problems = []
     output = proc.stdout + proc.stderr
-    if proc.returncode not in (0, 1) or "errors during collection" in output or "ImportError" in output:
-        problems.append(f"{name}: pytest exit {proc.returncode}, collection or import error:\n{output[-3000:]}")
+    if (proc.returncode not in (0, 1) or "errors during collection" in output or "ImportError" in output
+            or "<collection>" in results):
+        problems.append(f"{name}: pytest exit {proc.returncode}, collection or import error:\n{output[-3000:]}"
+                        + results.get("<collection>", (None, None, ""))[2][-3000:])
         return problems
     for n, want in expect.items():
         cases = {t: r for t, r in results.items() if r[0] == n}
@@ -223,18 +284,83 @@ def check_run(name: str, proc, results: dict, expect: dict[int, str]) -> list[st
 
 
 def test_stage_tests_in_student_and_teacher_versions(tmp_path):
-    jobs = [("student", dict(student=True), STAGES, {1: "stub", **{n: "stub-any" for n in STAGES[1:]}})]
-    for n in STAGES[1:]:  # stages n..7 stripped: n-1 goes green on its own, n fails with its own stub
-        later = set(range(n, STAGES[-1] + 1))
-        jobs.append((f"stages {n}-7 stripped", dict(student=True, stages=later), [n - 1, n], {n - 1: "pass", n: "stub"}))
-    jobs.append(("teacher", dict(student=False), STAGES, {n: "pass" for n in STAGES}))
+    last = STAGES[-1]
+    # the student version collects every test module, as `python -m pytest -m stageN` does there
+    jobs = [("student", dict(student=True), STAGES, {1: "stub", **{n: "stub-any" for n in STAGES[1:]}}, ["tests"])]
+    for n in STAGES[1:]:  # stages n..last stripped: n-1 goes green on its own, n fails with its own stub
+        later = set(range(n, last + 1))
+        jobs.append((f"stages {n}-{last} stripped", dict(student=True, stages=later), [n - 1, n],
+                     {n - 1: "pass", n: "stub"}, None))
+    jobs.append(("teacher", dict(student=False), STAGES, {n: "pass" for n in STAGES}, None))
 
     def run(job):
-        name, copy_args, stages, expect = job
+        name, copy_args, stages, expect, files = job
         work = tmp_path / re.sub(r"\W+", "_", name)
         kit.make_copy(work / "repo", **copy_args)
-        proc, results = run_stage_tests(work / "repo", stages, work)
+        proc, results = run_stage_tests(work / "repo", stages, work, files)
         return check_run(name, proc, results, expect)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        problems = [p for found in pool.map(run, jobs) for p in found]
+    assert not problems, "\n\n".join(problems)
+
+
+# ---- stage 8: the recipe test catches a broken training loop ----
+
+LOOP_STAGE = 8  # the training loop
+RECIPE_TEST = "tests/test_training_loop.py::test_train_loop_follows_the_recipe"
+# what a student may get wrong in train.py's train_loop -> (a text found on exactly one line of the stage 8
+# region, what replaces it); None replaces the whole line by `pass`
+MUTATIONS = {
+    "no zero_grad": (".zero_grad(", None),
+    "no clipping": ("clip_grad_norm_(", None),
+    "no learning-rate update": ('["lr"] = ', None),
+    "loss not divided among micro-batches": (" / len(micro_batches)", ""),
+}
+
+
+def mutate(source: str, needle: str, replacement: str | None) -> str:
+    """train.py with one line of its stage 8 region (the training step) changed."""
+    [region] = [r for r in kit.find_regions(source, "train.py") if r.stage == LOOP_STAGE]
+    lines = source.splitlines(keepends=True)
+    hits = [i for i in range(region.first, region.last - 1) if needle in lines[i]]  # 0-based, inside the markers
+    assert len(hits) == 1, f"{needle!r} should be on exactly one line of train.py's stage 8 region"
+    line = lines[hits[0]]
+    if replacement is None:
+        lines[hits[0]] = line[:len(line) - len(line.lstrip())] + "pass\n"
+    else:
+        lines[hits[0]] = line.replace(needle, replacement)
+    mutated = "".join(lines)
+    compile(mutated, "train.py", "exec")
+    return mutated
+
+
+def test_recipe_test_fails_for_a_broken_training_loop(tmp_path):
+    """Stage 8's recipe test passes with train.py as it is, and fails (an assertion, not a crash) when the
+    training step forgets to zero the gradients, to clip them, to set the learning rate, or to divide the loss
+    among the micro-batches. Each in a teacher copy, in a pytest subprocess."""
+    source = (REPO / "train.py").read_text(encoding="utf-8")
+    jobs = [("unchanged", source)] + [(name, mutate(source, *change)) for name, change in MUTATIONS.items()]
+
+    def run(job):
+        name, text = job
+        work = tmp_path / re.sub(r"\W+", "_", name)
+        kit.make_copy(work / "repo", student=False)
+        (work / "repo" / "train.py").write_text(text, encoding="utf-8")
+        proc, results = run_stage_tests(work / "repo", [LOOP_STAGE], work, files=[RECIPE_TEST])
+        found = {t: r for t, r in results.items() if t == RECIPE_TEST}
+        if len(found) != 1:
+            output = (proc.stdout + proc.stderr)[-3000:]
+            return [f"{name}: {RECIPE_TEST} did not run once (exit {proc.returncode}):\n{output}"]
+        [(stage, outcome, message)] = found.values()
+        if stage != LOOP_STAGE:
+            return [f"{name}: {RECIPE_TEST} is marked stage {stage}, not {LOOP_STAGE}"]
+        if name == "unchanged" and outcome != "passed":
+            return [f"{name}: {RECIPE_TEST} should pass, {outcome}:\n{message[-1500:]}"]
+        failed_an_assertion = outcome == "failure" and re.search(r"^E +(AssertionError\b|assert )", message, re.M)
+        if name != "unchanged" and not failed_an_assertion:
+            return [f"{name}: {RECIPE_TEST} should fail an assertion, {outcome}:\n{message[-1500:]}"]
+        return []
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         problems = [p for found in pool.map(run, jobs) for p in found]

@@ -61,10 +61,3 @@ def test_kv_cache_with_sliding_window_matches_full_forward():
     assert torch.allclose(torch.cat(chunks, 1), full, atol=1e-5)
     assert cache.k.shape[2] <= 5  # only the window is kept
 
-
-def test_entropy_from_logits():
-    from entropy_model import entropy_from_logits
-    assert torch.allclose(entropy_from_logits(torch.zeros(260)), torch.log(torch.tensor(260.0)))
-    logits = torch.full((4,), float("-inf"))
-    logits[:2] = 0.0  # two equally likely classes, two impossible ones: ln 2, not NaN
-    assert torch.allclose(entropy_from_logits(logits), torch.log(torch.tensor(2.0)))

@@ -1,5 +1,5 @@
-"""Stage 1 (exercises.md): next-byte entropies (paper §2.3, eq. 3) and the entropy model's causal
-sliding-window mask. Graded by `python -m pytest -m stage1`; uses nothing from later stages."""
+"""The entropy model (paper §2.3): next-byte entropies (eq. 3) and its causal sliding-window mask. Every test
+here grades course stage 1 (exercises.md, `python -m pytest -m stage1`) and uses nothing from later stages."""
 import math
 
 import pytest
@@ -29,6 +29,9 @@ def test_entropy_hand_values():
     certain = torch.full((260,), -100.0)
     certain[7] = 100.0
     assert entropy_from_logits(certain).item() == pytest.approx(0.0, abs=1e-6)
+    # impossible ids (logit -inf) count 0 too: two equally likely ids and two impossible ones give ln 2, not NaN
+    two = torch.tensor([0.0, 0.0, float("-inf"), float("-inf")])
+    assert entropy_from_logits(two).item() == pytest.approx(math.log(2), abs=1e-6)
 
 
 def test_entropy_matches_naive_on_batches():

@@ -1,6 +1,6 @@
-"""Stage 5 (exercises.md): the global latent transformer is causal over patches (paper §3.1): o_j depends on
-patches 0..j, all of them, and on nothing later. Graded by `python -m pytest -m stage5`; the patch
-representations are random, so the encoder (stages 3-4) is not needed."""
+"""The global latent transformer is causal over patches (paper §3.1): o_j depends on patches 0..j, all of them,
+and on nothing later. Every test here grades course stage 5 (exercises.md, `python -m pytest -m stage5`); the
+patch representations are random, so the encoder (stages 3-4) is not needed."""
 import pytest
 import torch
 
