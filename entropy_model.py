@@ -15,6 +15,7 @@ presets use.
 
 Shapes: B = batch, T = bytes, D = width, V = 260.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,38 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     # --- end solution ---
 
 
+class ConfigError(ValueError):
+    """A model config value the model cannot be built or trained with. The message names the keys, their
+    values and what is allowed; `keys` lets the command line say which flag or --config pair set them."""
+
+    def __init__(self, config, keys: tuple[str, ...], allowed: str):
+        self.keys, self.allowed = keys, allowed
+        super().__init__(", ".join(f"{k}={getattr(config, k)!r}" for k in keys) + f": {allowed}")
+
+
+def whole(value, minimum: int = 1) -> bool:
+    """An int (not a bool) >= minimum."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def real(value, above: float = -math.inf) -> bool:
+    """A finite int or float (not a bool) > above."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > above
+
+
+def check(config, key: str, ok: bool, allowed: str):
+    if not ok:
+        raise ConfigError(config, (key,), allowed)
+
+
+def check_heads(config, dim_key: str, heads_key: str):
+    """Attention splits the width into heads, and RoPE rotates channel pairs: each head's width must be even."""
+    dim, heads = getattr(config, dim_key), getattr(config, heads_key)
+    if dim % heads or dim // heads % 2:
+        raise ConfigError(config, (dim_key, heads_key), f"each head's width {dim_key} / {heads_key} must be a whole "
+                          f"even number (RoPE rotates pairs of channels)")
+
+
 @dataclass
 class ByteLMConfig:
     """A plain causal byte transformer: the entropy model, or the byte-level baseline train.py compares with."""
@@ -44,6 +77,16 @@ class ByteLMConfig:
     multiple_of: int = 256  # SwiGLU hidden width rounding
     norm_eps: float = 1e-5
     dropout: float = 0.0  # training only (the byte baseline, to match a BLT trained with dropout)
+
+    def __post_init__(self):
+        """Refuse values the model cannot be built or trained with (ConfigError, one line)."""
+        for key in ("dim", "layers", "heads", "multiple_of"):
+            check(self, key, whole(getattr(self, key)), "must be a whole number >= 1")
+        check_heads(self, "dim", "heads")
+        check(self, "window", self.window is None or whole(self.window), "must be null (no window) or a whole number >= 1")
+        for key in ("rope_theta", "norm_eps"):
+            check(self, key, real(getattr(self, key), above=0), "must be a number > 0")
+        check(self, "dropout", real(self.dropout) and 0 <= self.dropout < 1, "must be a number in [0, 1)")
 
     @classmethod
     def of_blt(cls, cfg) -> "ByteLMConfig":
