@@ -47,7 +47,9 @@ class StorageError(Exception):
 
 
 def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    """The gist of an exception's message in one line ("Error(s) in loading state_dict:" takes its next line)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    return " ".join(lines[:2] if lines[0].endswith(":") else lines[:1])[:240]
 
 
 def os_reason(e: BaseException) -> str:
@@ -137,7 +139,8 @@ def load_checkpoint(path, kinds=KINDS) -> tuple[str, object, torch.nn.Module]:
     entropy model); "entropy" or "byte": ByteLMConfig and EntropyModel. Raises CheckpointError."""
     ckpt = read_checkpoint(path)
     if ckpt["kind"] not in kinds:
-        raise CheckpointError(f"{path} holds a {ckpt['kind']} model; this needs {' or '.join(kinds)}")
+        raise CheckpointError(f"{path} holds {'an' if ckpt['kind'] == 'entropy' else 'a'} {ckpt['kind']} model; "
+                              f"this needs {' or '.join(kinds)}")
     try:
         cfg, model = build_model(ckpt["kind"], ckpt["config"], device="meta")
     except (TypeError, ValueError, KeyError, AttributeError) as e:

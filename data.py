@@ -283,7 +283,8 @@ def load_corpus(spec: str, data_dir: Path = DATA_DIR, min_bytes: int = 1) -> Byt
     try:
         return _load_corpus(spec, data_dir, min_bytes)
     except OSError as e:
-        raise DataError(f"cannot read or prepare --data {spec}: {e.filename or spec}: {e.strerror or e}") from None
+        where = "" if not e.filename or Path(e.filename).resolve() == Path(spec).resolve() else f" ({e.filename})"
+        raise DataError(f"cannot read --data {spec}{where}: {e.strerror or e}") from None
 
 
 def _load_corpus(spec: str, data_dir: Path, min_bytes: int) -> ByteCorpus:

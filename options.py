@@ -173,7 +173,8 @@ def model_configs(args, preset: dict, preset_name: str) -> tuple[BLTConfig, Byte
     flags = {key: getattr(args, key) for key in FLAG_OF_KEY if getattr(args, key) is not None}
     for key, value in flags.items():
         if key in overrides and overrides[key] != value:
-            raise UsageError(f"{FLAG_OF_KEY[key]} {value} and --config {key}={overrides[key]} disagree: give one")
+            raise UsageError(f"{FLAG_OF_KEY[key]} {value:{'g' if isinstance(value, float) else ''}} and --config "
+                             f"{key}={overrides[key]} disagree: give one")
     if "entropy_threshold" in overrides:
         raise UsageError("--config entropy_threshold: the threshold comes from --stage calibrate, not from a flag")
     try:
@@ -213,3 +214,10 @@ def check_batches(batches: list[tuple[str, int]], micro_batch_size: int | None, 
         if batch_size % world or (micro_batch_size and per_rank % micro_batch_size):
             raise UsageError(f"{what} {batch_size} must split evenly into {world} processes"
                              + (f" x micro-batches of {micro_batch_size}" if micro_batch_size else ""))
+
+
+def check_stop_at(stop_at: int | None, planned_steps: list[int]):
+    """--stop-at must fall before the last step of some stage, or it would stop nothing."""
+    if stop_at and planned_steps and stop_at >= max(planned_steps):
+        raise UsageError(f"--stop-at {stop_at} is not before the last step ({max(planned_steps)}): it would stop "
+                         f"nothing")

@@ -331,13 +331,7 @@ def run(args) -> int:
         elif not stream:
             print(f"--- sample {b} ---")
             print(detokenize(ids).decode("utf-8", "replace"))
-    n_new = tokens.shape[1] - len(prompt) - 1
-    info = f"{n_new} bytes x {tokens.shape[0]} in {seconds:.2f}s ({n_new * tokens.shape[0] / seconds:.0f} bytes/s"
-    info += f", {torch.get_num_threads()} threads)"
-    if state is not None:
-        info += f", global steps per byte {state.global_steps / max(1, state.t * state.B):.3f}"
-    print(info, file=sys.stderr)
-    if args.plot:
+    if args.plot:  # before the summary line, so that a figure that cannot be written is the only line
         ents = [float(e[0]) for e in state.entropies]
         starts = [True] + [bool(s[0]) for s in state.starts]
         try:
@@ -345,7 +339,12 @@ def run(args) -> int:
                            model.cfg.patching == "monotonic")
         except (OSError, RuntimeError, ValueError) as e:
             raise StorageError(f"cannot write --plot {args.plot}: {os_reason(e)}") from None
-        print(f"wrote {args.plot}", file=sys.stderr)
+    n_new = tokens.shape[1] - len(prompt) - 1
+    info = f"{n_new} bytes x {tokens.shape[0]} in {seconds:.2f}s ({n_new * tokens.shape[0] / seconds:.0f} bytes/s"
+    info += f", {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})"
+    if state is not None:
+        info += f", global steps per byte {state.global_steps / max(1, state.t * state.B):.3f}"
+    print(info + (f"; wrote {args.plot}" if args.plot else ""), file=sys.stderr)
     return 0
 
 

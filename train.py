@@ -47,7 +47,7 @@ from data import get_batch, load_corpus  # noqa: E402
 from evaluation import evaluate  # noqa: E402
 from entropy_model import ByteLMConfig  # noqa: E402
 from patching import average_patch_size, calibrate_threshold, patch_lengths  # noqa: E402
-from options import check_batches, model_configs, parse_args, pick_device  # noqa: E402
+from options import check_batches, check_stop_at, model_configs, parse_args, pick_device  # noqa: E402
 from runtime import DIST, STOP, Run, UsageError, autocast, draw_curves, report, to_device  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------
@@ -373,6 +373,8 @@ def run(args):
     check_batches(([("--batch-size", tc.batch_size)] if {"blt", "byte"} & set(stages) else [])
                   + ([("the entropy model's batch size", entropy_tc.batch_size)] if "entropy" in stages else []),
                   args.micro_batch_size, DIST.world)
+    check_stop_at(args.stop_at, [] if args.time_budget else [opts.steps] * bool({"blt", "byte"} & set(stages))
+                  + [opts.entropy_steps] * ("entropy" in stages))
     DIST.start(device)
 
     if not DIST.main:
