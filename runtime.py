@@ -139,7 +139,7 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# One training stage's bookkeeping
+# The whole command: stop signals, and one line on stderr for whatever ends it
 # ---------------------------------------------------------------------------------------------------------
 
 class StopSignal:
@@ -214,6 +214,10 @@ def draw_curves(jsonl_paths: list[Path], png: Path, title: str):
         print(f"warning: cannot write {png}: {os_reason(e)}", file=sys.stderr)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# One training stage's bookkeeping
+# ---------------------------------------------------------------------------------------------------------
+
 class Clock:
     """How far a stage is: step / steps, or, under a time budget, the fraction of the budget spent.
 
@@ -246,6 +250,13 @@ class Clock:
         return self.elapsed() / max(1e-3, self.budget - reserve)
 
 
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a line torn by a crash
+        return math.inf
+
+
 class MetricsLog:
     """One JSON object per line: {"type": "train" | "eval", "step", ...}. Each checkpoint notes how many records
     it covers; on resume the log is cut back to them, so the log of a resumed run equals that of an
@@ -262,7 +273,7 @@ class MetricsLog:
             if keep is not None:
                 lines = lines[:keep]
             else:  # a checkpoint from before log_records: keep the records up to its step
-                lines = [l for l in lines if l.strip() and json.loads(l)["step"] <= resume_step]
+                lines = [l for l in lines if _step_of(l) <= resume_step]
         self.records = len(lines)
         atomic_write_text(path, "".join(l + "\n" for l in lines))
         try:

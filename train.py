@@ -7,6 +7,7 @@
     python train.py --patching space         # BLT baselines: strided | space | entropy | monotonic
     python train.py --model byte             # a plain byte-level transformer               -> OUT/byte.pt
     python train.py --data tinyshakespeare --time-budget 300
+    python train.py --preset smoke           # every stage in under a minute on 2 cores, for trying flags
     torchrun --standalone --nproc_per_node=N train.py ...   # N processes share each global batch (DDP)
 
 Stage 1 trains the small causal byte LM of entropy_model.py. Stage 2 runs it, frozen, over windows of the
