@@ -160,7 +160,11 @@ def generate(model: BLT, prompt: bytes, max_bytes: int, *, batch_size: int = 1, 
 
 def load_blt(path: str) -> BLT:
     """A BLT from a checkpoint of train.py or tools/convert.py (checkpoint.py); CheckpointError otherwise."""
-    return load_checkpoint(path, kinds=("blt",))[2]
+    model = load_checkpoint(path, kinds=("blt",))[2]
+    if model.entropy_model is not None and model.cfg.entropy_threshold is None:
+        raise CheckpointError(f"{path} uses {model.cfg.patching} patching but holds no threshold: calibrate it "
+                              f"(train.py --stage calibrate, then --stage blt)")
+    return model
 
 
 def characters(data: bytes):

@@ -70,6 +70,12 @@ def bad_blt_config(out: Path, tmp: Path):
     torch.save(ckpt, out / "bad_config.pt")
 
 
+def uncalibrated(out: Path, tmp: Path):
+    ckpt = torch.load(out / "blt_entropy.pt", weights_only=True)
+    ckpt["config"]["entropy_threshold"] = None
+    torch.save(ckpt, out / "uncalibrated.pt")
+
+
 def empty_folder(out: Path, tmp: Path):
     (tmp / "empty").mkdir()
 
@@ -212,6 +218,8 @@ CASES = [
     Case("sample-entropy-checkpoint", S, ["--checkpoint", "{out}/entropy.pt"], "holds an entropy model; this needs blt"),
     Case("sample-checkpoint-bad-config", S, ["--checkpoint", "{out}/bad_config.pt"],
          "its config is not usable: local_dim=32, local_heads=3", setup=bad_blt_config),
+    Case("sample-checkpoint-uncalibrated", S, ["--checkpoint", "{out}/uncalibrated.pt"],
+         "uses entropy patching but holds no threshold", setup=uncalibrated),
     Case("sample-checkpoint-truncated", S, [], "not a readable checkpoint", setup=truncate("blt_entropy.pt")),
     Case("prompt-file-missing", S, ["--prompt-file", "{tmp}/none.txt"],
          "cannot read --prompt-file {tmp}/none.txt: No such file or directory"),
