@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from decoder import LocalDecoder, decoder_patch_ids
 from encoder import LocalEncoder
-from entropy_model import ByteLMConfig
+from entropy_model import ByteLMConfig, check, check_heads, real, whole
 from global_transformer import GlobalTransformer
 from layers import swiglu_hidden_dim
 from patching import VOCAB_SIZE, patch_lengths as compute_patch_lengths
@@ -62,9 +62,36 @@ class BLTConfig:
     #                       model and decoder (0 as released; a corpus of a few MB is seen many times and needs it)
 
     def __post_init__(self):
+        """Refuse values the model cannot be built, patched or trained with: ConfigError (a ValueError) naming
+        the key, the value and what is allowed. The one place these are checked, for flags and checkpoints."""
+        check(self, "patching", self.patching in SCHEMES, f"unknown patching scheme; choose one of {', '.join(SCHEMES)}")
+        check(self, "patch_size", real(self.patch_size) and self.patch_size >= 1, "must be a number >= 1")
+        if self.patching == "strided":
+            check(self, "patch_size", float(self.patch_size).is_integer(), "strided patching needs a whole stride")
+        check(self, "max_patch_length", self.max_patch_length is None or whole(self.max_patch_length),
+              "must be null (no limit) or a whole number >= 1")
+        if self.max_patch_length is not None and self.patching != "space":
+            check(self, "max_patch_length", self.max_patch_length >= self.patch_size,
+                  f"must be at least patch_size {self.patch_size:g}, or no patch could reach the target size")
+        check(self, "entropy_threshold", self.entropy_threshold is None or real(self.entropy_threshold),
+              "must be null (not calibrated yet) or a finite number")
+        for key in ("entropy_dim", "entropy_layers", "entropy_heads", "local_dim", "local_heads", "encoder_layers",
+                    "decoder_layers", "hash_buckets", "hash_functions", "cross_attn_k", "global_dim",
+                    "global_layers", "global_heads", "multiple_of"):
+            check(self, key, whole(getattr(self, key)), "must be a whole number >= 1")
+        for dim, heads in (("entropy_dim", "entropy_heads"), ("local_dim", "local_heads"), ("global_dim", "global_heads")):
+            check_heads(self, dim, heads)
+        for key in ("entropy_window", "local_window"):
+            check(self, key, getattr(self, key) is None or whole(getattr(self, key)),
+                  "must be null (no window) or a whole number >= 1")
+        check(self, "hash_ngram_sizes", isinstance(self.hash_ngram_sizes, (list, tuple))
+              and all(whole(n) for n in self.hash_ngram_sizes), "must be a list of whole numbers >= 1, e.g. [3,4,5]")
         self.hash_ngram_sizes = tuple(self.hash_ngram_sizes)
-        if self.patching not in SCHEMES:
-            raise ValueError(f"unknown patching scheme {self.patching!r}; choose one of {', '.join(SCHEMES)}")
+        check(self, "cross_attn_all_layers_decoder", isinstance(self.cross_attn_all_layers_decoder, bool),
+              "must be true or false")
+        for key in ("entropy_rope_theta", "rope_theta", "norm_eps"):
+            check(self, key, real(getattr(self, key), above=0), "must be a number > 0")
+        check(self, "dropout", real(self.dropout) and 0 <= self.dropout < 1, "must be a number in [0, 1)")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -276,10 +276,21 @@ def _memmap(path: Path) -> np.ndarray:
 
 
 def load_corpus(spec: str, data_dir: Path = DATA_DIR, min_bytes: int = 1) -> ByteCorpus:
-    """A path (file or directory) or a corpus name -> ByteCorpus. Raises DataError with a one-line reason.
+    """A path (file or directory) or a corpus name -> ByteCorpus. Raises DataError with a one-line reason, also
+    for a file or cache folder the operating system refuses (permission, a full disk, ...).
 
     min_bytes: the smallest acceptable training split (a training window needs seq_len bytes)."""
+    try:
+        return _load_corpus(spec, data_dir, min_bytes)
+    except OSError as e:
+        where = "" if not e.filename or Path(e.filename).resolve() == Path(spec).resolve() else f" ({e.filename})"
+        raise DataError(f"cannot read --data {spec}{where}: {e.strerror or e}") from None
+
+
+def _load_corpus(spec: str, data_dir: Path, min_bytes: int) -> ByteCorpus:
     path = Path(spec).expanduser()
+    if path.exists() and not (path.is_file() or path.is_dir()):
+        raise DataError(f"{spec} is not a regular file or a directory")
     if path.is_file():
         data = _memmap(path)
         cut = len(data) - int(len(data) * VAL_FRACTION)

@@ -15,6 +15,7 @@ presets use.
 
 Shapes: B = batch, T = bytes, D = width, V = 260.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,50 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     # --- end solution ---
 
 
+class ConfigError(ValueError):
+    """A model config value the model cannot be built or trained with. The message names the keys, their
+    values and what is allowed; `keys` lets the command line say which flag or --config pair set them."""
+
+    def __init__(self, config, keys: tuple[str, ...], allowed: str):
+        self.keys, self.allowed = keys, allowed
+        super().__init__(", ".join(f"{k}={getattr(config, k)!r}" for k in keys) + f": {allowed}")
+
+
+def whole(value, minimum: int = 1) -> bool:
+    """An int (not a bool) >= minimum."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def real(value, above: float = -math.inf) -> bool:
+    """A finite int or float (not a bool) > above."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > above
+
+
+def check(config, key: str, ok: bool, allowed: str):
+    if not ok:
+        raise ConfigError(config, (key,), allowed)
+
+
+def check_heads(config, dim_key: str, heads_key: str):
+    """Attention splits the width into heads, and RoPE rotates channel pairs: each head's width must be even."""
+    dim, heads = getattr(config, dim_key), getattr(config, heads_key)
+    if dim % heads or dim // heads % 2:
+        raise ConfigError(config, (dim_key, heads_key), f"each head's width {dim_key} / {heads_key} must be a whole "
+                          f"even number (RoPE rotates pairs of channels)")
+
+
+def check_transformer(cfg):
+    """Refuse values a plain transformer config (dim, layers, heads, window, ...) cannot be built or trained
+    with: ConfigError, one line. Shared by ByteLMConfig and tokens.TokenLMConfig."""
+    for key in ("dim", "layers", "heads", "multiple_of"):
+        check(cfg, key, whole(getattr(cfg, key)), "must be a whole number >= 1")
+    check_heads(cfg, "dim", "heads")
+    check(cfg, "window", cfg.window is None or whole(cfg.window), "must be null (no window) or a whole number >= 1")
+    for key in ("rope_theta", "norm_eps"):
+        check(cfg, key, real(getattr(cfg, key), above=0), "must be a number > 0")
+    check(cfg, "dropout", real(cfg.dropout) and 0 <= cfg.dropout < 1, "must be a number in [0, 1)")
+
+
 @dataclass
 class ByteLMConfig:
     """A plain causal byte transformer: the entropy model, or the byte-level baseline train.py compares with."""
@@ -44,6 +89,9 @@ class ByteLMConfig:
     multiple_of: int = 256  # SwiGLU hidden width rounding
     norm_eps: float = 1e-5
     dropout: float = 0.0  # training only (the byte baseline, to match a BLT trained with dropout)
+
+    def __post_init__(self):
+        check_transformer(self)
 
     @classmethod
     def of_blt(cls, cfg) -> "ByteLMConfig":

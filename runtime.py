@@ -1,8 +1,10 @@
 """The machinery around train.py's training loop, so that the loop itself reads as the recipe.
 
     Distributed   torchrun's processes: process group, DDP wrapping, each rank's share of a batch, reductions
+    StopSignal    Ctrl-C and SIGTERM for the whole command (STOP): stop at once, or save first where work is unsaved
     Run           one training stage's bookkeeping: resume, the clock (steps or a time budget), stop signals,
                   the metrics log, checkpoints, the progress bar and the curves
+    report        the one line on stderr, and the exit code, for whatever ended the command
     autocast, to_device   the compute dtype and host-to-device copies
 
 Each of these is one line inside the loop. Nothing here changes what is computed: a run with the same flags
@@ -13,14 +15,18 @@ import json
 import math
 import os
 import signal
+import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from checkpoint import FORMAT, atomic_save, atomic_write_text, rng_state, set_rng_state
+from checkpoint import (FORMAT, CheckpointError, StorageError, atomic_save, atomic_write_text, os_reason, restore,
+                        rng_state)
+from data import DataError
 from plots import plot_curves
 
 
@@ -133,26 +139,84 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# One training stage's bookkeeping
+# The whole command: stop signals, and one line on stderr for whatever ends it
 # ---------------------------------------------------------------------------------------------------------
 
 class StopSignal:
-    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint at the end of the step and exits. A second
-    Ctrl-C stops at once (the last saved checkpoint stays intact)."""
+    """SIGINT (Ctrl-C) and SIGTERM, for the whole command: `with STOP:` installs the handler; the exit code is
+    128 + the signal's number.
+
+    While a stage holds work that no checkpoint has yet (its steps and its checkpoint writes: `defer` is True),
+    the first signal only sets `signum`: the loop finishes the step, saves a checkpoint and stops. Anywhere
+    else (loading, calibrating, the final evaluation, which starts from a checkpoint, drawing figures) and on a
+    second signal, it raises KeyboardInterrupt at once. Either way the last checkpoint written stays intact."""
 
     def __init__(self):
-        self.signum = 0
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.signum, self.defer, self.previous = 0, False, {}
+
+    def __enter__(self):
+        self.signum, self.defer = 0, False
+        if threading.current_thread() is threading.main_thread():  # Python lets only the main thread set handlers
+            self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
 
     def handle(self, signum, frame):
-        if self.signum:
+        first = not self.signum
+        self.signum = self.signum or signum
+        if not (first and self.defer):
             raise KeyboardInterrupt
-        self.signum = signum
 
-    def restore(self):
+    def name(self) -> str:
+        return signal.Signals(self.signum or signal.SIGINT).name
+
+    def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+        self.previous, self.defer = {}, False
+        return False
 
+
+STOP = StopSignal()
+
+
+def report(e: BaseException) -> int:
+    """The exit code for what ended the command, after one line on stderr. Errors a user can cause (flags,
+    files, data, a full disk, memory) are named in one line; anything else is a bug and keeps its traceback."""
+    if isinstance(e, Interrupted):
+        message, code = str(e), e.exit_code
+    elif isinstance(e, KeyboardInterrupt):
+        message = f"stopped by {STOP.name()}; every checkpoint written so far is intact: continue with --resume"
+        code = 128 + (STOP.signum or signal.SIGINT)
+    elif isinstance(e, BrokenPipeError):  # `train.py | head`: the reader left; nothing to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    elif isinstance(e, (UsageError, TrainingError, DataError, CheckpointError, StorageError)):
+        message, code = f"error: {e}", 1
+    elif isinstance(e, OSError):
+        message, code = f"error: {e.filename or 'a file'}: {os_reason(e)}", 1
+    elif isinstance(e, MemoryError) or "can't allocate memory" in str(e) or isinstance(e, torch.OutOfMemoryError):
+        message, code = f"error: out of memory ({str(e).splitlines()[0][:120]}); try a smaller --batch-size, " \
+                        f"--micro-batch-size or model", 1
+    else:
+        raise e
+    if message.startswith("error") and not DIST.main:
+        message = f"error (rank {DIST.rank}):" + message[len("error:"):]
+    if DIST.main or message.startswith("error"):
+        print(message, file=sys.stderr)
+    return code
+
+
+def draw_curves(jsonl_paths: list[Path], png: Path, title: str):
+    """plot_curves, but a figure that cannot be written is a warning: the logs hold the numbers."""
+    try:
+        plot_curves(jsonl_paths, png, title)
+    except (OSError, RuntimeError, ValueError) as e:
+        print(f"warning: cannot write {png}: {os_reason(e)}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One training stage's bookkeeping
+# ---------------------------------------------------------------------------------------------------------
 
 class Clock:
     """How far a stage is: step / steps, or, under a time budget, the fraction of the budget spent.
@@ -186,24 +250,48 @@ class Clock:
         return self.elapsed() / max(1e-3, self.budget - reserve)
 
 
-class MetricsLog:
-    """One JSON object per line: {"type": "train" | "eval", "step", ...}. On resume, lines logged after the
-    checkpoint's step are dropped, so the log of a resumed run equals the log of an uninterrupted one."""
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a line torn by a crash
+        return math.inf
 
-    def __init__(self, path: Path, resume_step: int | None):
+
+class MetricsLog:
+    """One JSON object per line: {"type": "train" | "eval", "step", ...}. Each checkpoint notes how many records
+    it covers; on resume the log is cut back to them, so the log of a resumed run equals that of an
+    uninterrupted one."""
+
+    def __init__(self, path: Path, keep: int | None, resume_step: int | None):
         self.path = path
         lines = []
-        if resume_step is not None and path.exists():
-            lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= resume_step]
+        if (keep or resume_step is not None) and path.exists():
+            try:
+                lines = path.read_text().splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                raise StorageError(f"cannot read {path}: {os_reason(e)}") from None
+            if keep is not None:
+                lines = lines[:keep]
+            else:  # a checkpoint from before log_records: keep the records up to its step
+                lines = [l for l in lines if _step_of(l) <= resume_step]
+        self.records = len(lines)
         atomic_write_text(path, "".join(l + "\n" for l in lines))
-        self.file = open(path, "a")
+        try:
+            self.file = open(path, "a")
+        except OSError as e:
+            raise StorageError(f"cannot write {path}: {os_reason(e)}") from None
 
     def write(self, record: dict):
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise StorageError(f"cannot write {self.path}: {os_reason(e)}") from None
+        self.records += 1
 
     def close(self):
-        self.file.close()
+        with suppress(OSError):
+            self.file.close()
 
 
 class Run:
@@ -224,34 +312,42 @@ class Run:
         self.bytes_per_step, self.final_eval_bytes = bytes_per_step, final_eval_bytes
         self.log_interval, self.stop_at = log_interval, stop_at
         self.metrics, self.signum = (resume["metrics"] if resume else {}), 0
+        self.saved_step = resume["step"] if resume else None  # the step of the checkpoint on disk
+        self.log = self.bar = None
 
     def __enter__(self):
         return self
 
     def start(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-        """Load the checkpoint being continued (weights, optimizer, random state); start the clock, the log,
-        the signal handler and the progress bar. Returns the first step to take."""
+        """Load the checkpoint being continued (weights, optimizer, random state); start the clock, the log
+        and the progress bar; from here a signal waits for the end of the step. Returns the first step."""
         from tqdm import tqdm
         self.model, self.optimizer = model, optimizer
         r = self.resume_from
         step = 0
         if r is not None:
-            model.load_state_dict(r["model"])
-            optimizer.load_state_dict(r["optimizer"])
-            set_rng_state(r["rng"])
+            restore(r, self.ckpt_path, model, optimizer)
             step = r["step"]
         self.clock = Clock(self.steps, self.time_budget, r["elapsed"] if r else 0.0, self.bytes_per_step,
                            self.final_eval_bytes)
-        self.log = MetricsLog(self.ckpt_path.with_suffix(".jsonl"), step if r else None) if DIST.main else None
-        self.stop = StopSignal()
+        if DIST.main:
+            self.log = MetricsLog(self.ckpt_path.with_suffix(".jsonl"), r.get("log_records") if r else None,
+                                  step if r else None)
         self.logged_step, self.logged_time = step, self.clock.elapsed()  # for bytes/s between log lines
+        # On a terminal only (disable=None): in a pipe or a log file the bar would bury the messages.
         self.bar = tqdm(total=None if self.time_budget else self.steps, initial=step, desc=self.name, unit="step",
-                        dynamic_ncols=True, mininterval=1.0, disable=not DIST.main)
+                        dynamic_ncols=True, mininterval=1.0, disable=None if DIST.main else True)
+        STOP.defer = True
         return step
+
+    def agreed_signal(self) -> int:
+        """A pending stop signal, the same on every rank."""
+        self.signum = int(DIST.max([float(STOP.signum)])[0])
+        return self.signum
 
     def progress(self, step: int) -> float:
         """Fraction of the stage done, the same on every rank (which also agree on a pending stop signal)."""
-        p, signum = DIST.max([self.clock.progress(step), float(self.stop.signum)])
+        p, signum = DIST.max([self.clock.progress(step), float(STOP.signum)])
         self.signum = int(signum)
         return p
 
@@ -292,37 +388,53 @@ class Run:
             atomic_save({"format": FORMAT, **self.saved, "model": self.model.state_dict(),
                          "optimizer": self.optimizer.state_dict(), "step": step, "steps": self.steps, "done": done,
                          "rng": rng_state(), "data": {"seed": self.saved["train"]["seed"], "batches": step},
-                         "elapsed": self.clock.elapsed(), "time_budget": self.time_budget, "metrics": self.metrics},
+                         "elapsed": self.clock.elapsed(), "time_budget": self.time_budget, "metrics": self.metrics,
+                         "log_records": self.log.records},
                         self.ckpt_path)
         DIST.barrier()  # no rank leaves (or reads the file) before it is complete
+        self.saved_step = step
 
-    def stop_if_asked(self, step: int, last: bool):
-        """A signal or --stop-at: save a checkpoint and raise Interrupted (the caller's exit code)."""
+    def stop_if_asked(self, step: int, last: bool = False):
+        """A signal or --stop-at: save a checkpoint (unless this step's is on disk) and raise Interrupted."""
         if last or not (self.signum or step == self.stop_at):
             return
-        self.save(step, done=False)
+        if self.saved_step != step:
+            self.save(step, done=False)
         why = signal.Signals(self.signum).name if self.signum else f"--stop-at {self.stop_at}"
         raise Interrupted(f"{self.name}: stopped by {why} at step {step}; checkpoint saved to {self.ckpt_path}; "
                           f"continue with --resume", self.signum)
 
     def finish(self, step: int, evaluate) -> dict:
-        """The final evaluation over final_eval_bytes, then the finished checkpoint. Returns the metrics."""
+        """The final evaluation over final_eval_bytes, the figure, then the finished checkpoint. The evaluation
+        starts from a checkpoint of the last step, so a signal during it (or the figure) stops at once and
+        --resume only repeats the evaluation. Returns the metrics."""
         self.bar.close()
+        if self.saved_step != step:
+            self.save(step, done=False)
+        if self.agreed_signal():
+            self.stop_if_asked(step)
+        STOP.defer = False
         t0 = time.time()
         self.metrics = {"type": "eval", "step": step, "bytes": step * self.bytes_per_step,
                         **evaluate(self.final_eval_bytes)}
         self.metrics.update(time=self.clock.elapsed(), steps=step, stage_seconds=self.clock.elapsed(),
                             eval_seconds=time.time() - t0)
         self.write(self.metrics)
+        if self.log:
+            draw_curves([self.log.path], self.ckpt_path.with_suffix(".png"), self.name)
+        STOP.defer = True
         self.save(step, done=True)
+        if self.agreed_signal():
+            raise Interrupted(f"{self.name}: finished and saved to {self.ckpt_path}, then stopped by "
+                              f"{signal.Signals(self.signum).name}; continue with --resume", self.signum)
         return self.metrics
 
     def __exit__(self, exc_type, exc, tb):
-        if hasattr(self, "stop"):
-            self.stop.restore()
+        STOP.defer = False
+        if self.bar is not None:
             self.bar.close()
-            if self.log:
-                self.log.close()
-                if exc_type is None or exc_type is Interrupted:
-                    plot_curves([self.log.path], self.ckpt_path.with_suffix(".png"), self.name)
+        if self.log:
+            self.log.close()
+            if exc_type is Interrupted:  # the curves so far
+                draw_curves([self.log.path], self.ckpt_path.with_suffix(".png"), self.name)
         return False

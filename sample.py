@@ -19,17 +19,21 @@ generator does; it is the reference the incremental generator is tested against.
 import argparse
 import codecs
 import os
+import signal
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from blt import BLT
-from checkpoint import CheckpointError, load_checkpoint
+from checkpoint import CheckpointError, StorageError, load_checkpoint, os_reason
 from entropy_model import entropy_from_logits
 from layers import KVCache
 from patching import EOS_ID, OFFSET, detokenize, patch_starts, tokenize
+from options import SEED, THREADS, Parser, int_at_least, nonempty, number
 from plots import plot_entropies
+from runtime import STOP, UsageError
 
 
 class IncrementalBLT:
@@ -156,64 +160,140 @@ def generate(model: BLT, prompt: bytes, max_bytes: int, *, batch_size: int = 1, 
 
 def load_blt(path: str) -> BLT:
     """A BLT from a checkpoint of train.py or tools/convert.py (checkpoint.py); CheckpointError otherwise."""
-    return load_checkpoint(path, kinds=("blt",))[2]
+    model = load_checkpoint(path, kinds=("blt",))[2]
+    if model.entropy_model is not None and model.cfg.entropy_threshold is None:
+        raise CheckpointError(f"{path} uses {model.cfg.patching} patching but holds no threshold: calibrate it "
+                              f"(train.py --stage calibrate, then --stage blt)")
+    return model
+
+
+def characters(data: bytes):
+    """(text, start, end) for each character of data: a whole UTF-8 character, or a single byte that is not
+    part of one, written \\xNN, so that every byte of the output keeps its own place."""
+    i = 0
+    while i < len(data):
+        for n in range(1, 5):
+            try:
+                text = data[i:i + n].decode("utf-8")
+                break
+            except UnicodeDecodeError:
+                continue
+        else:
+            text, n = f"\\x{data[i]:02x}", 1
+        yield text, i, i + n
+        i += n
+
+
+COLOURS, SPLIT_COLOUR = ["\033[30;46m", "\033[30;43m"], "\033[30;45m"
 
 
 def show_patches(ids: list[int], starts: list[bool], colour: bool = True) -> str:
     """Mark patches: alternate background colours (ANSI) on a terminal, otherwise a "|" before every patch
-    start, so the boundaries survive a pipe or a file. UTF-8 is decoded leniently."""
-    colours = ["\033[30;46m", "\033[30;43m"]
-    out, patch, k = [], bytearray(), 0
-
-    def flush():
-        text = patch.decode("utf-8", "replace")
-        if colour:
-            out.append(colours[k % 2] + text + "\033[0m")
-        else:
-            out.append(("|" if out else "") + text)
-
+    start, so the boundaries survive a pipe or a file. The bytes are decoded as one text and no character is
+    cut: a boundary inside a multi-byte character is shown as "¦" before that character (on a terminal, the
+    character in magenta). Bytes that are not UTF-8 are shown as \\xNN, each with its own boundaries."""
+    data, boundaries, pending = bytearray(), set(), False
     for i, s in zip(ids, starts):
-        if s and patch:
-            flush()
-            patch, k = bytearray(), k + 1
-        if i >= OFFSET:
-            patch.append(i - OFFSET)
-    flush()
-    return "".join(out)
+        pending = pending or s
+        if i >= OFFSET:  # a start on a special id (BOS, EOS) marks the next byte
+            if pending:
+                boundaries.add(len(data))
+            data.append(i - OFFSET)
+            pending = False
+    pieces, k = [], 0  # (patch number, a start inside the character?, text, a start before it?)
+    for text, start, end in characters(bytes(data)):
+        k += start in boundaries and start > 0
+        cuts = sum(b in boundaries for b in range(start + 1, end))
+        pieces.append((k, cuts > 0, text, start in boundaries and start > 0))
+        k += cuts
+    if not colour:
+        return "".join(("|" if new else "") + ("¦" if cut else "") + text for _, cut, text, new in pieces)
+    out, current = [], None
+    for patch, cut, text, _ in pieces:
+        style = SPLIT_COLOUR if cut else COLOURS[patch % 2]
+        if (patch, cut) != current or cut:
+            out.append(("\033[0m" if out else "") + style)
+            current = (patch, cut)
+        out.append(text)
+    return "".join(out) + ("\033[0m" if out else "")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Generate bytes from a BLT checkpoint.")
-    p.add_argument("--checkpoint", default="out/shakespeare-cpu/blt_entropy.pt", help="checkpoint written by train.py or convert.py")
+def parse_args(argv) -> argparse.Namespace:
+    """sample.py's flags, each checked as it enters (options.py's types), and their combinations."""
+    p = Parser(description="Generate bytes from a BLT checkpoint.")
+    p.add_argument("--checkpoint", type=nonempty, default="out/shakespeare-cpu/blt_entropy.pt",
+                   help="checkpoint written by train.py or tools/convert.py")
     p.add_argument("--prompt", help="prompt string (default: --prompt-file, else stdin if piped, else BOS only)")
-    p.add_argument("--prompt-file", help="read the prompt as raw bytes from this file")
-    p.add_argument("--max-bytes", type=int, default=256, help="bytes to generate")
-    p.add_argument("--num-samples", type=int, default=1, help="samples generated together in one batch")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt-file", type=nonempty, help="read the prompt as raw bytes from this file")
+    p.add_argument("--max-bytes", type=int_at_least(0), default=256, help="bytes to generate")
+    p.add_argument("--num-samples", type=int_at_least(1), default=1, help="samples generated together in one batch")
+    p.add_argument("--temperature", type=temperature, default=0.8, help="0 = greedy, else at least 0.001")
+    p.add_argument("--top-k", type=int_at_least(1), default=None)
+    p.add_argument("--top-p", type=number(above=0, at_most=1), default=None)
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--threads", type=THREADS, default=None,
+                   help="CPU threads (default: OMP_NUM_THREADS if set, else up to 4: one byte's matmuls are small)")
     p.add_argument("--no-stop-at-eos", action="store_true", help="keep going after EOS")
     p.add_argument("--naive", action="store_true", help="recompute everything for every byte (reference)")
-    p.add_argument("--show-patches", action="store_true", help="mark patch starts: colours on a terminal, '|' when piped")
+    p.add_argument("--show-patches", action="store_true",
+                   help="mark patch starts: colours on a terminal, '|' when piped; a start inside a multi-byte "
+                        "character is shown as '¦' (magenta on a terminal) before the character, which is not "
+                        "cut; bytes that are not UTF-8 are shown as \\xNN")
     p.add_argument("--plot", help="write a PNG of per-byte entropy with the threshold (entropy schemes)")
     args = p.parse_args(argv)
+    if args.prompt is not None and args.prompt_file is not None:
+        p.error("--prompt and --prompt-file both give the prompt: give one")
+    if args.naive and (args.show_patches or args.plot):
+        p.error(f"{'--show-patches' if args.show_patches else '--plot'} needs the incremental sampler: drop --naive")
+    if args.plot is not None and not Path(args.plot).resolve().parent.is_dir():
+        p.error(f"--plot {args.plot}: there is no folder {Path(args.plot).resolve().parent}")
+    return args
 
+
+def temperature(text: str) -> float:
+    value = number(at_least=0)(text)
+    if 0 < value < 1e-3:  # below this, logits / temperature overflows float32 on the way to greedy anyway
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 0 (greedy) or at least 0.001")
+    return value
+
+
+def read_prompt(args) -> bytes:
     if args.prompt is not None:
-        prompt = os.fsencode(args.prompt)  # raw bytes back, even if the argument is not valid UTF-8
-    elif args.prompt_file is not None:
-        if not os.path.isfile(args.prompt_file):
-            sys.exit(f"error: prompt file not found: {args.prompt_file}")
-        prompt = open(args.prompt_file, "rb").read()
-    elif not sys.stdin.isatty():
-        prompt = sys.stdin.buffer.read()
-    else:
-        prompt = b""
+        return os.fsencode(args.prompt)  # raw bytes back, even if the argument is not valid UTF-8
+    if args.prompt_file is not None:
+        try:
+            return Path(args.prompt_file).read_bytes()
+        except OSError as e:
+            raise StorageError(f"cannot read --prompt-file {args.prompt_file}: {os_reason(e)}") from None
+    if sys.stdin is not None and not sys.stdin.isatty():
+        return sys.stdin.buffer.read()
+    return b""
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    sys.stdout.reconfigure(errors="replace")  # a terminal that cannot show a character gets "?", not a traceback
     try:
-        model = load_blt(args.checkpoint)
-    except CheckpointError as e:
-        sys.exit(f"error: {e}")
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+        with STOP:  # Ctrl-C or SIGTERM: KeyboardInterrupt at once; run() keeps what was generated
+            return run(args)
+    except (CheckpointError, StorageError, UsageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # before or after generation: nothing to keep
+        print(f"stopped by {STOP.name()}", file=sys.stderr)
+        return 128 + (STOP.signum or signal.SIGINT)
+    except BrokenPipeError:  # `sample.py | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def run(args) -> int:
+    prompt = read_prompt(args)
+    model = load_blt(args.checkpoint)
+    if args.plot and model.entropy_model is None:
+        raise UsageError(f"--plot draws the entropy model's entropies; {args.checkpoint} uses {model.cfg.patching} patching")
+    if args.threads or "OMP_NUM_THREADS" not in os.environ:  # else torch has already taken OMP_NUM_THREADS
+        torch.set_num_threads(args.threads or max(1, min(4, os.cpu_count() or 1)))
 
     stream = args.num_samples == 1 and not args.show_patches
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -221,41 +301,56 @@ def main(argv=None):
     if stream:
         out.write(decoder.decode(prompt))
         out.flush()
+    generated = [[] for _ in range(args.num_samples)]  # ids so far, kept if generation is interrupted
 
     def on_byte(ids):
+        for row, i in zip(generated, ids.tolist()):
+            row.append(i)
         if stream and int(ids[0]) >= OFFSET:
             out.write(decoder.decode(bytes([int(ids[0]) - OFFSET])))
             out.flush()
 
     t0 = time.perf_counter()
-    tokens, state = generate(model, prompt, args.max_bytes, batch_size=args.num_samples,
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                             naive=args.naive, stop_at_eos=not args.no_stop_at_eos, on_byte=on_byte)
-    seconds = time.perf_counter() - t0
+    try:
+        tokens, state = generate(model, prompt, args.max_bytes, batch_size=args.num_samples,
+                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                 naive=args.naive, stop_at_eos=not args.no_stop_at_eos, on_byte=on_byte)
+    except KeyboardInterrupt:  # keep what was generated, say so, exit 128 + signal
+        if stream:
+            out.write(decoder.decode(b"", final=True) + "\n")
+        for b, row in enumerate(generated if not stream else []):
+            print(f"--- sample {b} ---")
+            print((prompt + detokenize(row)).decode("utf-8", "replace"))
+        out.flush()
+        print(f"stopped by {STOP.name()} after {len(generated[0])} bytes", file=sys.stderr)
+        return 128 + (STOP.signum or signal.SIGINT)
+    seconds = max(1e-9, time.perf_counter() - t0)
     if stream:
         out.write(decoder.decode(b"", final=True) + "\n")
     for b in range(tokens.shape[0]):
         ids = tokens[b].tolist()
-        if args.show_patches and state is not None:
+        if args.show_patches:
             starts = [True] + [bool(s[b]) for s in state.starts]  # position 0 (BOS) starts a patch
             print(show_patches(ids[: len(starts)], starts, colour=sys.stdout.isatty()))
         elif not stream:
             print(f"--- sample {b} ---")
             print(detokenize(ids).decode("utf-8", "replace"))
-    n_new = tokens.shape[1] - len(prompt) - 1
-    info = f"{n_new} bytes x {tokens.shape[0]} in {seconds:.2f}s ({n_new * tokens.shape[0] / seconds:.0f} bytes/s)"
-    if state is not None:
-        info += f", global steps per byte {state.global_steps / max(1, state.t * state.B):.3f}"
-    print(info, file=sys.stderr)
-    if args.plot:
-        if state is None or not state.entropies:
-            sys.exit("error: --plot needs entropy patching and the incremental sampler (no --naive)")
+    if args.plot:  # before the summary line, so that a figure that cannot be written is the only line
         ents = [float(e[0]) for e in state.entropies]
         starts = [True] + [bool(s[0]) for s in state.starts]
-        plot_entropies(args.plot, tokens[0].tolist(), ents, starts, model.cfg.entropy_threshold,
-                       model.cfg.patching == "monotonic")
-        print(f"wrote {args.plot}", file=sys.stderr)
+        try:
+            plot_entropies(args.plot, tokens[0].tolist(), ents, starts, model.cfg.entropy_threshold,
+                           model.cfg.patching == "monotonic")
+        except (OSError, RuntimeError, ValueError) as e:
+            raise StorageError(f"cannot write --plot {args.plot}: {os_reason(e)}") from None
+    n_new = tokens.shape[1] - len(prompt) - 1
+    info = f"{n_new} bytes x {tokens.shape[0]} in {seconds:.2f}s ({n_new * tokens.shape[0] / seconds:.0f} bytes/s"
+    info += f", {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})"
+    if state is not None:
+        info += f", global steps per byte {state.global_steps / max(1, state.t * state.B):.3f}"
+    print(info + (f"; wrote {args.plot}" if args.plot else ""), file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -50,6 +50,7 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
 from blt import bits_per_byte, init_weights, transformer_flops
 from data import DATA_DIR
+from entropy_model import check, check_transformer, whole
 from layers import RMSNorm, TransformerBlock, causal_mask, rope_cos_sin, swiglu_hidden_dim
 
 # ---- the tokenizer ----
@@ -201,6 +202,10 @@ class TokenLMConfig:
     multiple_of: int = 256  # SwiGLU hidden width rounding (Llama convention)
     norm_eps: float = 1e-5
     dropout: float = 0.0  # training only, on every residual branch
+
+    def __post_init__(self):
+        check(self, "vocab_size", whole(self.vocab_size, MIN_VOCAB_SIZE), f"must be a whole number >= {MIN_VOCAB_SIZE}")
+        check_transformer(self)
 
     def build(self) -> "TokenLM":
         return TokenLM(self)

@@ -8,6 +8,7 @@
     python train.py --model byte             # a plain byte-level transformer               -> OUT/byte.pt
     python train.py --model bpe              # a BPE-token transformer (tokens.py)           -> OUT/bpe.pt
     python train.py --data tinyshakespeare --time-budget 300
+    python train.py --preset smoke           # every stage in under a minute on 2 cores, for trying flags
     torchrun --standalone --nproc_per_node=N train.py ...   # N processes share each global batch (DDP)
 
 Stage 1 trains the small causal byte LM of entropy_model.py. Stage 2 runs it, frozen, over windows of the
@@ -42,15 +43,15 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from blt import BLT, BLTConfig, count_parameters, cpu_tiny, one_gpu  # noqa: E402
-from checkpoint import CheckpointError, atomic_write_text, config_difference, read_checkpoint  # noqa: E402
-from data import DataError, get_batch, load_corpus  # noqa: E402
+from checkpoint import (CheckpointError, atomic_write_text, config_difference, load_weights, output_folder,  # noqa: E402
+                        read_calibration, read_training_checkpoint)
+from data import get_batch, load_corpus  # noqa: E402
 from evaluation import evaluate  # noqa: E402
 from entropy_model import ByteLMConfig  # noqa: E402
 from patching import average_patch_size, calibrate_threshold, patch_lengths  # noqa: E402
-from plots import plot_curves  # noqa: E402
 from tokens import TokenLMConfig, get_token_batch, prepare_tokens  # noqa: E402
-from options import parse_args, parse_overrides  # noqa: E402
-from runtime import DIST, Interrupted, Run, TrainingError, UsageError, autocast, to_device  # noqa: E402
+from options import check_batches, check_stop_at, model_configs, parse_args, pick_device  # noqa: E402
+from runtime import DIST, STOP, Run, UsageError, autocast, draw_curves, report, to_device  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------
 # Defaults, in one place: the cpu preset; the gpu preset lists what it changes. Flags override single values.
@@ -63,8 +64,8 @@ CPU = dict(
     train=dict(seq_len=256, batch_size=32, lr=2e-3, warmup_steps=100),
     entropy_steps=400, steps=600,  # BLT ~1 s/step on 2 cores: 600 x 8 KiB = one epoch of the default corpus
     entropy_time_share=0.15,  # under --time-budget, the entropy model's share of the whole budget
-    eval_interval=100, eval_bytes=65536, log_interval=10, compile=False,
-)
+    eval_interval=100, eval_bytes=65536, final_eval_bytes=0, log_interval=10, calibration_windows=256, compile=False,
+)  # final_eval_bytes 0: the whole validation split
 PRESETS = {
     "cpu": CPU,  # 2 CPU cores: the whole pipeline in about 10 minutes
     "gpu": {**CPU, **dict(  # one GPU, about an hour; meant for a larger corpus (--data enwik8)
@@ -74,6 +75,13 @@ PRESETS = {
         train=dict(seq_len=1024, batch_size=64, lr=4e-4, warmup_steps=2000),
         entropy_steps=5000, steps=30000, entropy_time_share=0.1,
         eval_interval=1000, eval_bytes=1 << 20, log_interval=50, compile=True)},
+    "smoke": {**CPU, **dict(  # every stage in well under a minute on 2 cores: for trying flags, and for tests
+        blt=cpu_tiny(entropy_dim=32, entropy_layers=1, entropy_window=32, local_dim=64, local_heads=2, decoder_layers=1,
+                     local_window=64, hash_buckets=512, global_dim=128, global_layers=2, global_heads=2),
+        byte=ByteLMConfig(dim=64, layers=2, heads=2, window=None, multiple_of=32),
+        entropy_train=dict(seq_len=64, batch_size=8, lr=3e-3, warmup_steps=5),
+        train=dict(seq_len=64, batch_size=8, lr=3e-3, warmup_steps=5), entropy_steps=20, steps=20,
+        eval_interval=10, eval_bytes=2048, final_eval_bytes=8192, log_interval=5, calibration_windows=32)},
 }
 
 
@@ -207,7 +215,7 @@ def train_model(kind: str, name: str, config, make_model, tc: TrainConfig, steps
     """Train (or continue, or skip if finished) one model into OUT/name.pt; print its summary."""
     ckpt_path = out / f"{name}.pt"
     saved = {"kind": kind, "config": asdict(config), "train": asdict(tc), **(tokens.saved() if tokens else {})}
-    resume = start_or_resume(ckpt_path, saved, opts)
+    resume = start_or_resume(ckpt_path, saved, steps, time_budget, opts)
     if resume is not None and resume["done"]:
         DIST.say(f"{name}: already trained ({resume['step']} steps) in {ckpt_path}, skipping")
         return resume["metrics"]
@@ -229,19 +237,22 @@ def train_model(kind: str, name: str, config, make_model, tc: TrainConfig, steps
     return m
 
 
-def start_or_resume(ckpt_path: Path, saved: dict, opts) -> dict | None:
+def start_or_resume(ckpt_path: Path, saved: dict, steps: int, budget, opts) -> dict | None:
     """None to start fresh; the checkpoint to continue (or to skip, if done). Refuses to overwrite a
-    checkpoint without --resume or --overwrite, and refuses one written with another config (or tokenizer)."""
+    checkpoint without --resume or --overwrite, and refuses one written with another config, tokenizer or
+    step count."""
     if not ckpt_path.exists() or opts.overwrite:
         return None
     if not opts.resume:
         raise UsageError(f"{ckpt_path} already exists: pass --resume to continue it, --overwrite to start over, "
                          f"or --out DIR to write elsewhere")
-    ckpt = read_checkpoint(ckpt_path)
+    ckpt = read_training_checkpoint(ckpt_path)
     if ckpt["kind"] != saved["kind"]:
         raise CheckpointError(f"{ckpt_path} holds a {ckpt['kind']} model, not a {saved['kind']} model")
     diff = next(filter(None, (config_difference(ckpt.get(k, {}), saved[k]) for k in ("config", "train", "tokens")
                               if k in saved)), None)  # "tokens" holds the tokenizer's digest, not its JSON
+    if not diff and budget is None and ckpt["time_budget"] is None and ckpt["steps"] != steps:
+        diff = f"steps: {ckpt['steps']} in the checkpoint, {steps} now"
     if diff:
         raise CheckpointError(f"{ckpt_path} was written with another config ({diff}); rerun with the same "
                               f"flags, or drop --resume and use --out DIR")
@@ -249,7 +260,7 @@ def start_or_resume(ckpt_path: Path, saved: dict, opts) -> dict | None:
 
 
 def finished_entropy_model(out: Path, entropy_cfg: ByteLMConfig) -> dict:
-    ckpt = read_checkpoint(out / "entropy.pt")
+    ckpt = read_training_checkpoint(out / "entropy.pt")
     diff = config_difference(ckpt["config"], asdict(entropy_cfg))
     if ckpt["kind"] != "entropy" or diff:
         raise CheckpointError(f"{out / 'entropy.pt'} does not match this config's entropy model ({diff}); "
@@ -263,7 +274,7 @@ def calibrate(entropy_cfg: ByteLMConfig, blt_cfg: BLTConfig, tc: TrainConfig, co
     """Stage 2: entropies of the frozen entropy model on fixed windows of the TRAIN split -> threshold."""
     ckpt = finished_entropy_model(out, entropy_cfg)
     model = entropy_cfg.build()
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], out / "entropy.pt")
     model.to(opts.device).eval()
     # Fixed windows as long as BLT's (a seed stream apart from training batches); entropies in fp32 as in BLT.patch.
     x, _ = get_batch(corpus.train, opts.calibration_windows, tc.seq_len, tc.seed + 1_000_003, 0)
@@ -288,7 +299,7 @@ def load_calibration(out: Path, blt_cfg: BLTConfig, entropy_cfg: ByteLMConfig) -
     path = out / "calibration.json"
     if not path.exists():
         raise UsageError(f"no threshold in {out}: run --stage calibrate first (or --stage all)")
-    cal = json.loads(path.read_text())
+    cal = read_calibration(path)
     if (cal["scheme"] != blt_cfg.patching or cal["target_patch_size"] != blt_cfg.patch_size
             or cal["max_patch_length"] != blt_cfg.max_patch_length or cal["entropy_model"] != asdict(entropy_cfg)):
         raise UsageError(f"{path} was calibrated for {cal['scheme']} patching at {cal['target_patch_size']} bytes "
@@ -300,12 +311,11 @@ def run_stages(args, opts, corpus, out: Path, blt_cfg: BLTConfig, baseline_cfg, 
                entropy_tc: TrainConfig, stages: list[str], preset: dict, budget_left):
     """Stage 1 (entropy model) -> stage 2 (calibration) -> stage 3 (BLT), or one baseline (byte or bpe) alone."""
     entropy_cfg = ByteLMConfig.of_blt(blt_cfg)
-    steps = args.steps or preset["steps"]
     if "entropy" in stages:
         share = preset["entropy_time_share"] if "blt" in stages else 1.0
         budget = None if args.time_budget is None else max(1.0, share * budget_left())
         train_model("entropy", "entropy", entropy_cfg, entropy_cfg.build, entropy_tc,
-                    args.entropy_steps or preset["entropy_steps"], corpus, out, budget, opts,
+                    opts.entropy_steps, corpus, out, budget, opts,
                     "entropy model (paper 2.3), a small causal byte LM")
     if "calibrate" in stages:
         calibrate(entropy_cfg, blt_cfg, tc, corpus, out, opts)
@@ -318,17 +328,17 @@ def run_stages(args, opts, corpus, out: Path, blt_cfg: BLTConfig, baseline_cfg, 
         def make_blt():
             model = BLT(blt_cfg)
             if entropy_weights is not None:
-                model.entropy_model.load_state_dict(entropy_weights)
+                load_weights(model.entropy_model, entropy_weights, out / "entropy.pt")
             return model
-        train_model("blt", f"blt_{blt_cfg.patching}", blt_cfg, make_blt, tc, steps, corpus, out, budget_left(),
+        train_model("blt", f"blt_{blt_cfg.patching}", blt_cfg, make_blt, tc, opts.steps, corpus, out, budget_left(),
                     opts, f"BLT with {blt_cfg.patching} patching (patch size {blt_cfg.patch_size:g})")
     if "byte" in stages:
-        train_model("byte", "byte", baseline_cfg, baseline_cfg.build, tc, steps, corpus, out, budget_left(), opts,
+        train_model("byte", "byte", baseline_cfg, baseline_cfg.build, tc, opts.steps, corpus, out, budget_left(), opts,
                     "plain byte-level transformer (no patches)")
     if "bpe" in stages:  # every process trains (or loads) the same tokenizer: deterministic, written atomically
         tokens = prepare_tokens(corpus.train, baseline_cfg.vocab_size, tc.seq_len)
         baseline_cfg.vocab_size = tokens.tokenizer.vocab_size  # fewer ids than asked if pairs ran out
-        train_model("bpe", "bpe", baseline_cfg, baseline_cfg.build, tc, steps, corpus, out, budget_left(), opts,
+        train_model("bpe", "bpe", baseline_cfg, baseline_cfg.build, tc, opts.steps, corpus, out, budget_left(), opts,
                     f"BPE-token transformer ({tokens.train_bytes_per_token:.2f} bytes per token: windows of "
                     f"{tokens.seq_len} tokens)", tokens)
 
@@ -338,20 +348,12 @@ def run_stages(args, opts, corpus, out: Path, blt_cfg: BLTConfig, baseline_cfg, 
 # ---------------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    args = parse_args(argv, PRESETS)
     DIST.__init__()  # from torchrun's environment; one process without it
     try:
-        run(args)
-    except (DataError, UsageError, CheckpointError, TrainingError) as e:
-        print(f"error: {e}" if DIST.main else f"error (rank {DIST.rank}): {e}", file=sys.stderr)
-        return 1
-    except Interrupted as e:
-        if DIST.main:
-            print(str(e), file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        with STOP:  # Ctrl-C and SIGTERM, for the whole command (runtime.StopSignal)
+            run(parse_args(argv, PRESETS))
+    except (Exception, KeyboardInterrupt) as e:
+        return report(e)  # one line on stderr and the exit code; anything unexpected keeps its traceback
     finally:
         DIST.stop()
     return 0
@@ -359,12 +361,7 @@ def main(argv=None) -> int:
 
 def run(args):
     t_start = time.time()
-    default_device = (f"cuda:{DIST.local_rank}" if DIST.enabled else "cuda") if torch.cuda.is_available() else "cpu"
-    device = torch.device(args.device or default_device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: CUDA is not available here")
-    if DIST.enabled and args.device and device.type == "cuda":
-        raise UsageError("under torchrun each process takes the GPU of its LOCAL_RANK; drop --device")
+    device = pick_device(args.device, DIST)
     preset_name = args.preset or ("gpu" if device.type == "cuda" else "cpu")
     preset = PRESETS[preset_name]
     if args.threads:
@@ -372,16 +369,8 @@ def run(args):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    # configs: the preset, then --config, then flags
-    blt_cfg = BLTConfig.from_dict(preset["blt"].to_dict())
-    if args.model == "blt":
-        blt_cfg = BLTConfig.from_dict({**blt_cfg.to_dict(), **parse_overrides(args.config, BLTConfig),
-                                       "patching": args.patching,
-                                       **({"patch_size": args.patch_size} if args.patch_size else {})})
-    base = "bpe" if args.model == "bpe" else "byte"  # the baseline's config (unused when training BLT)
-    overrides = parse_overrides(args.config, type(preset[base])) if args.model == base else {}
-    overrides |= {"vocab_size": args.vocab_size} if args.vocab_size and base == "bpe" else {}
-    baseline_cfg = type(preset[base])(**{**asdict(preset[base]), **overrides})
+    blt_cfg, baseline_cfg = model_configs(args, preset, preset_name)  # the preset, then --config and flags
+    pick = lambda flag, key: preset[key] if flag is None else flag  # noqa: E731  (a flag, else the preset's value)
     flags = dict(seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                  weight_decay=args.weight_decay, dtype=args.dtype)
     tc = TrainConfig(**{**preset["train"], **{k: v for k, v in flags.items() if v is not None}, "seed": args.seed})
@@ -389,14 +378,13 @@ def run(args):
     entropy_tc = TrainConfig(**{**preset["entropy_train"], **{k: v for k, v in flags.items() if v is not None},
                                 "seed": args.seed})
     opts = argparse.Namespace(
-        device=device, compile=preset["compile"] if args.compile is None else args.compile,
-        eval_interval=args.eval_interval or preset["eval_interval"], eval_bytes=args.eval_bytes or preset["eval_bytes"],
-        final_eval_bytes=args.final_eval_bytes, log_interval=args.log_interval or preset["log_interval"],
-        checkpoint_interval=args.checkpoint_interval or args.eval_interval or preset["eval_interval"],
-        calibration_windows=args.calibration_windows, resume=args.resume, overwrite=args.overwrite,
-        stop_at=args.stop_at, micro_batch_size=args.micro_batch_size)
-    if args.resume and args.overwrite:
-        raise UsageError("--resume and --overwrite contradict each other")
+        device=device, compile=pick(args.compile, "compile"), steps=pick(args.steps, "steps"),
+        entropy_steps=pick(args.entropy_steps, "entropy_steps"), eval_interval=pick(args.eval_interval, "eval_interval"),
+        eval_bytes=pick(args.eval_bytes, "eval_bytes"), final_eval_bytes=pick(args.final_eval_bytes, "final_eval_bytes"),
+        log_interval=pick(args.log_interval, "log_interval"),
+        checkpoint_interval=args.checkpoint_interval or pick(args.eval_interval, "eval_interval"),
+        calibration_windows=pick(args.calibration_windows, "calibration_windows"), resume=args.resume,
+        overwrite=args.overwrite, stop_at=args.stop_at, micro_batch_size=args.micro_batch_size)
     if args.model in ("byte", "bpe"):
         stages = [args.model]
     elif args.stage == "all":
@@ -405,13 +393,11 @@ def run(args):
         stages = [args.stage]
     if "calibrate" in stages and blt_cfg.patching not in ("entropy", "monotonic"):
         raise UsageError(f"--stage calibrate needs entropy or monotonic patching, not {blt_cfg.patching}")
-    trained = [("--batch-size", tc)] if {"blt", "byte", "bpe"} & set(stages) else []
-    trained += [("the entropy model's batch size", entropy_tc)] if "entropy" in stages else []
-    for what, t in trained:
-        per_rank = t.batch_size // DIST.world
-        if t.batch_size % DIST.world or (args.micro_batch_size and per_rank % args.micro_batch_size):
-            raise UsageError(f"{what} {t.batch_size} must split evenly into {DIST.world} processes"
-                             + (f" x micro-batches of {args.micro_batch_size}" if args.micro_batch_size else ""))
+    check_batches(([("--batch-size", tc.batch_size)] if {"blt", "byte", "bpe"} & set(stages) else [])
+                  + ([("the entropy model's batch size", entropy_tc.batch_size)] if "entropy" in stages else []),
+                  args.micro_batch_size, DIST.world)
+    check_stop_at(args.stop_at, [] if args.time_budget else [opts.steps] * bool({"blt", "byte", "bpe"} & set(stages))
+                  + [opts.entropy_steps] * ("entropy" in stages))
     DIST.start(device)
 
     if not DIST.main:
@@ -420,14 +406,13 @@ def run(args):
     if DIST.main:
         DIST.barrier()
     name = Path(args.data).stem if os.sep in args.data or Path(args.data).exists() else args.data
-    out = Path(args.out or Path("out") / f"{name}-{preset_name}")
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(Path(args.out or Path("out") / f"{name}-{preset_name}"))
     DIST.say(f"{corpus.describe()} | preset {preset_name} | device {device} | {torch.get_num_threads()} threads"
              + (f" x {DIST.world} processes" if DIST.enabled else "") + f" | out {out}")
     budget_left = lambda: None if args.time_budget is None else args.time_budget - (time.time() - t_start)  # noqa: E731
     run_stages(args, opts, corpus, out, blt_cfg, baseline_cfg, tc, entropy_tc, stages, preset, budget_left)
     if DIST.main and sorted(out.glob("*.jsonl")):
-        plot_curves(sorted(out.glob("*.jsonl")), out / "curves.png", f"{name}: validation bits per byte")
+        draw_curves(sorted(out.glob("*.jsonl")), out / "curves.png", f"{name}: validation bits per byte")
     DIST.say(f"done in {time.time() - t_start:.0f} s; metrics, checkpoints and curves in {out}")
 
 
