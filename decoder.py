@@ -20,7 +20,8 @@ Shapes: B = batch, T = bytes, P = patches, k = slots per patch, D = D_D (decoder
 import torch
 import torch.nn as nn
 
-from layers import CrossAttention, RMSNorm, TransformerBlock, causal_mask, rope_cos_sin, swiglu_hidden_dim
+from layers import (CrossAttention, RMSNorm, TransformerBlock, causal_mask, compute_dtype, rope_cos_sin,
+                    swiglu_hidden_dim)
 from patching import VOCAB_SIZE, patch_ids_from_lengths
 
 
@@ -71,7 +72,7 @@ class LocalDecoder(nn.Module):
         slot_patch = torch.arange(P, device=h.device).repeat_interleave(k)  # (P*k,)
         cross_mask = (dec_patch_ids[:, :, None] == slot_patch[None, None, :])[:, None]  # (B, 1, T, P*k)
         # --- end solution ---
-        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta)
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, compute_dtype(h))  # (T, Dh)
         mask = None if caches else causal_mask(positions, positions, self.window)  # (1, 1, T, T)
         for i, layer in enumerate(self.layers):
             if i < len(self.cross_attn):

@@ -22,7 +22,7 @@ Shapes: B = batch, T = bytes, P = patches, k = query slots per patch, D = D_E (e
 import torch
 import torch.nn as nn
 
-from layers import CrossAttention, RMSNorm, TransformerBlock, causal_mask, rope_cos_sin, swiglu_hidden_dim
+from layers import CrossAttention, TransformerBlock, causal_mask, compute_dtype, rope_cos_sin, swiglu_hidden_dim
 from patching import VOCAB_SIZE, patch_ids_from_lengths
 
 # Released primes, one per hash function (BLT_NOTES section 4).
@@ -82,7 +82,7 @@ class LocalEncoder(nn.Module):
     def byte_layers(self, h: torch.Tensor, positions: torch.Tensor, caches=None) -> torch.Tensor:
         """Local transformer. h: (B, T, D) at positions (T,) -> (B, T, D). With caches, only the new
         positions are given and each layer's KVCache holds the window before them."""
-        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta)
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, compute_dtype(h))  # (T, Dh), all layers
         mask = None if caches else causal_mask(positions, positions, self.window)  # (1, 1, T, T)
         for i, layer in enumerate(self.layers):
             h = layer(h, mask, cos, sin, caches[i] if caches else None, positions)

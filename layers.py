@@ -17,8 +17,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in: the autocast dtype inside torch.autocast, else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32 so bf16 autocast does not lose precision in the mean."""
+    """x / rms(x) * weight. The mean of squares accumulates in float32 (a bf16 sum of D squares would lose
+    precision); the output is in the compute dtype, ready for the linear layer that always follows."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -26,31 +34,35 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        mean_square = x.pow(2).mean(dim=-1, keepdim=True, dtype=torch.float32)  # (..., 1) float32
+        dtype = compute_dtype(x)
+        return (x * torch.rsqrt(mean_square + self.eps).to(x.dtype)).to(dtype) * self.weight.to(dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotation angles for RoPE. positions: (..., T) -> cos, sin: (..., T, Dh), float32.
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotation angles for RoPE. positions: (..., T) -> cos, sin: (..., T, Dh) in `dtype`.
 
     Channel pair (2i, 2i+1) of each head is rotated by angle position * theta^(-2i/Dh). This interleaved
     layout is the released code's (complex-number RoPE) and the Hugging Face port's; Llama's port uses
-    (i, i + Dh/2) instead, and weights are not interchangeable between the two layouts.
+    (i, i + Dh/2) instead, and weights are not interchangeable between the two layouts. The angles are
+    computed in float32 (position * frequency needs the precision); callers compute the tables once per
+    forward, in the dtype the queries and keys come out of their projections (bf16 under autocast).
     """
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     angles = positions.float()[..., None] * inv_freq  # (..., T, Dh/2)
     angles = angles.repeat_interleave(2, dim=-1)  # (..., T, Dh): each angle for both channels of its pair
-    return angles.cos(), angles.sin()
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, Dh); cos, sin: (T, Dh) or (B, T, Dh). (x_2i, x_2i+1) -> rotation of that pair."""
+    """x: (B, H, T, Dh); cos, sin: (T, Dh) or (B, T, Dh). (x_2i, x_2i+1) -> rotation of that pair.
+    Computed in x's dtype (the tables are cast if they differ, a no-op when made with rope_cos_sin(dtype))."""
     if cos.dim() == 3:
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, Dh) to broadcast over heads
     pairs = x.unflatten(-1, (-1, 2))  # (B, H, T, Dh/2, 2)
     rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)  # (-x_2i+1, x_2i)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
