@@ -65,6 +65,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+def _explicit_math(q: torch.Tensor) -> bool:
+    """True where scores = q k^T, softmax, @ v is faster than F.scaled_dot_product_attention: training in
+    bf16 on CPU, where the fused kernel's backward is several times slower than its forward (torch 2.13)."""
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled()
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Masked softmax attention. q: (B, H, T, Dh), k, v: (B, H, S, Dh), mask: (B or 1, 1, T, S) bool.
 
@@ -72,7 +78,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     the NaN a fully masked softmax would give; a NaN would otherwise leak into real positions through 0 * NaN.
     """
     empty = ~mask.any(dim=-1, keepdim=True)  # (B, 1, T, 1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | empty)
+    mask = mask | empty
+    if _explicit_math(q):
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2) + bias  # (B, H, T, S), -inf where forbidden
+        out = scores.softmax(dim=-1) @ v
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.masked_fill(empty, 0.0)
 
 
