@@ -76,6 +76,7 @@ class LocalDecoder(nn.Module):
         mask = None if caches else causal_mask(positions, positions, self.window)  # (1, 1, T, T)
         for i, layer in enumerate(self.layers):
             if i < len(self.cross_attn):
-                h = h + self.cross_attn[i](h, slots, cross_mask)  # released: 2 * h + attention (§3.3: h + attn)
+                # each byte may read k slots: attention gathers those k instead of scoring all P*k
+                h = h + self.cross_attn[i](h, slots, cross_mask, keys_per_query=k)  # released: 2h + attn (§3.3: h + attn)
             h = layer(h, mask, cos, sin, caches[i] if caches else None, positions)
         return self.output(self.norm(h))  # (B, T, V)

@@ -100,7 +100,8 @@ class LocalEncoder(nn.Module):
         queries = self.patch_projection(pooled).view(B, P * k, D)  # (B, P*k, D): slot j of patch p at p*k + j
         query_patch = torch.arange(P, device=h.device).repeat_interleave(k)  # (P*k,)
         mask = (query_patch[None, :, None] == patch_ids[:, None, :])[:, None]  # (B, 1, P*k, T): own bytes only
-        patches = queries + self.cross_attn(queries, h, mask)  # released: 2 * queries + attention (§3.2.2: q + attn)
+        # a byte is read by the k queries of its patch only: attention scores just those pairs
+        patches = queries + self.cross_attn(queries, h, mask, queries_per_key=k)  # released: 2 * queries + attn
         return patches.view(B, P, k * D)
         # --- end solution ---
 

@@ -88,6 +88,62 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return out.masked_fill(empty, 0.0)
 
 
+def few_allowed(mask: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The at most n True entries of every row of a bool mask (..., R, C), shape-static: their column
+    indices (..., R, n) and whether each is really allowed (a row with fewer than n Trues is filled with
+    forbidden columns). None when some row has more than n Trues."""
+    allowed, index = mask.to(torch.uint8).topk(min(n + 1, mask.shape[-1]), dim=-1)
+    if not torch.compiler.is_compiling() and n < mask.shape[-1] and allowed[..., n].any():
+        return None
+    return index[..., :n], allowed[..., :n].bool()
+
+
+def _rows(index: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """index: (B, T, n) row numbers within each batch element -> (B*T*n,) rows of the flattened (B*n_rows)."""
+    return (index + n_rows * torch.arange(index.shape[0], device=index.device)[:, None, None]).flatten()
+
+
+def attend_few_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+                    allowed: torch.Tensor) -> torch.Tensor:
+    """`attend` when each query may read at most n keys (the decoder: the k slots of one patch).
+    q: (B, T, H, Dh), k, v: (B, S, H, Dh), index, allowed: (B, T, n) from few_allowed -> (B, T, H, Dh).
+    Each query's n keys are gathered and scored: O(T * n * D), and no (T, S) scores."""
+    (B, T, n), (S, H, Dh) = index.shape, k.shape[1:]
+    rows = _rows(index, S)  # (B*T*n,)
+    kq, vq = (x.reshape(B * S, H, Dh).index_select(0, rows).view(B, T, n, H, Dh) for x in (k, v))
+    scores = (q[:, :, None] * kq).sum(-1) * Dh ** -0.5  # (B, T, n, H)
+    empty = ~allowed.any(dim=-1, keepdim=True)  # (B, T, 1): as in attend, a query with no key gets 0
+    weights = scores.masked_fill(~(allowed | empty)[..., None], float("-inf")).softmax(dim=2)
+    out = (weights[..., None] * vq).sum(2)  # (B, T, H, Dh)
+    return out.masked_fill(empty[..., None], 0.0)
+
+
+def attend_few_queries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+                       allowed: torch.Tensor) -> torch.Tensor:
+    """`attend` when each key may be read by at most n queries (the encoder: byte t by the k queries of
+    its own patch). q: (B, Q, H, Dh), k, v: (B, T, H, Dh), index, allowed: (B, T, n) from few_allowed on
+    the transposed mask (the queries of each key) -> (B, Q, H, Dh).
+
+    Each (key, query) pair is scored once, O(T * n * D). The softmax of a query runs over the segment of
+    pairs that share it: its max and its sum are reduced into per-query slots (scatter_reduce amax,
+    index_add), and so is the weighted sum of values. A query that no key allows (an empty patch) gets 0.
+    """
+    (B, T, n), (Q, H, Dh) = index.shape, q.shape[1:]
+    rows = _rows(index, Q)  # (B*T*n,): the query of each pair, in the flattened (B*Q)
+    qk = q.reshape(B * Q, H, Dh).index_select(0, rows).view(B, T, n, H, Dh)
+    scores = (qk * k[:, :, None]).sum(-1) * Dh ** -0.5  # (B, T, n, H)
+    scores = scores.masked_fill(~allowed[..., None], float("-inf")).view(B * T * n, H)
+    with torch.no_grad():  # softmax is shift-invariant: any per-query shift is exact; the max avoids overflow
+        top = scores.new_full((B * Q, H), float("-inf"))
+        top = top.scatter_reduce(0, rows[:, None].expand(-1, H), scores, reduce="amax")  # (B*Q, H) per-query max
+        top = top.masked_fill(top == float("-inf"), 0.0)  # a query without an allowed pair
+    e = torch.exp(scores - top[rows])  # (B*T*n, H): 0 where forbidden, 1 at each query's max
+    total = torch.zeros_like(top).index_add(0, rows, e)  # (B*Q, H): >= 1 for a query with a key, else 0
+    values = e[..., None] * v[:, :, None].expand(B, T, n, H, Dh).reshape(B * T * n, H, Dh)
+    out = torch.zeros(B * Q, H, Dh, dtype=values.dtype, device=q.device).index_add(0, rows, values)
+    return (out / total.clamp(min=1.0)[..., None]).view(B, Q, H, Dh)
+
+
 def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """Causal (optionally sliding-window) mask from positions. q_pos: (T,) or (B, T); k_pos: (S,) or (B, S).
 
@@ -208,13 +264,29 @@ class CrossAttention(nn.Module):
         self.wv = nn.Linear(dim, dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, queries: torch.Tensor, keys_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """queries: (B, T, D), keys_values: (B, S, D), mask: (B, 1, T, S) bool -> (B, T, D)."""
+    def forward(self, queries: torch.Tensor, keys_values: torch.Tensor, mask: torch.Tensor,
+                keys_per_query: int | None = None, queries_per_key: int | None = None) -> torch.Tensor:
+        """queries: (B, T, D), keys_values: (B, S, D), mask: (B or 1, 1, T, S) bool -> (B, T, D).
+
+        By default dense masked attention (`attend`, the reference). keys_per_query=n promises that every
+        mask row allows at most n keys (the decoder: a byte reads the k slots of one patch),
+        queries_per_key=n that every mask column allows at most n queries (the encoder: a byte is read by
+        the k queries of its patch). Then only the allowed pairs are scored, with the same result; a mask
+        that breaks the promise gets the dense path.
+        """
         B, T, D = queries.shape
-        S = keys_values.shape[1]
-        q = self.wq(self.query_norm(queries)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        S, H, Dh = keys_values.shape[1], self.n_heads, self.head_dim
+        q = self.wq(self.query_norm(queries)).view(B, T, H, Dh)
         kv = self.kv_norm(keys_values)
-        k = self.wk(kv).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(kv).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        out = attend(q, k, v, mask)  # (B, H, T, Dh)
-        return self.wo(out.transpose(1, 2).reshape(B, T, D)) + queries
+        k, v = self.wk(kv).view(B, S, H, Dh), self.wv(kv).view(B, S, H, Dh)
+        mask = mask.expand(B, 1, T, S)[:, 0]  # (B, T, S)
+        few = None  # (index, allowed), each (B, T, n) for keys_per_query, (B, S, n) for queries_per_key
+        if keys_per_query is not None:
+            few = few_allowed(mask, keys_per_query)  # each query's keys
+            out = attend_few_keys(q, k, v, *few) if few else None
+        elif queries_per_key is not None:
+            few = few_allowed(mask.transpose(1, 2), queries_per_key)  # each key's queries
+            out = attend_few_queries(q, k, v, *few) if few else None
+        if few is None:  # dense: every (query, key) pair scored, the forbidden ones masked
+            out = attend(*(x.transpose(1, 2) for x in (q, k, v)), mask[:, None]).transpose(1, 2)  # (B, T, H, Dh)
+        return self.wo(out.reshape(B, T, D)) + queries
