@@ -54,8 +54,8 @@ class LocalDecoder(nn.Module):
         n_cross = cfg.decoder_layers if cfg.cross_attn_all_layers_decoder else 1
         self.cross_attn = nn.ModuleList(CrossAttention(D, cfg.local_heads, cfg.norm_eps) for _ in range(n_cross))
         hidden = swiglu_hidden_dim(D, cfg.multiple_of)
-        self.layers = nn.ModuleList(TransformerBlock(D, cfg.local_heads, hidden, cfg.norm_eps, cfg.dropout)
-                                    for _ in range(cfg.decoder_layers))
+        self.layers = nn.ModuleList(TransformerBlock(D, cfg.local_heads, hidden, cfg.norm_eps, cfg.dropout,
+                                                     window=cfg.local_window) for _ in range(cfg.decoder_layers))
         self.norm = RMSNorm(D, cfg.norm_eps)
         self.output = nn.Linear(D, VOCAB_SIZE, bias=False)
 

@@ -62,8 +62,8 @@ class LocalEncoder(nn.Module):
             nn.Embedding(cfg.hash_buckets, D) for _ in range(cfg.hash_functions * len(self.hash_sizes))
         )
         hidden = swiglu_hidden_dim(D, cfg.multiple_of)
-        self.layers = nn.ModuleList(TransformerBlock(D, cfg.local_heads, hidden, cfg.norm_eps, cfg.dropout)
-                                    for _ in range(cfg.encoder_layers))
+        self.layers = nn.ModuleList(TransformerBlock(D, cfg.local_heads, hidden, cfg.norm_eps, cfg.dropout,
+                                                     window=cfg.local_window) for _ in range(cfg.encoder_layers))
         self.dropout = nn.Dropout(cfg.dropout)  # on the summed embeddings: the hash tables memorise a small corpus
         self.patch_projection = nn.Linear(D, self.k * D, bias=False)  # pooled patch -> k query vectors
         self.cross_attn = CrossAttention(D, cfg.local_heads, cfg.norm_eps)

@@ -40,7 +40,8 @@ class EntropyModel(nn.Module):
         self.window, self.rope_theta, self.head_dim = window, rope_theta, dim // n_heads
         self.tok_embeddings = nn.Embedding(VOCAB_SIZE, dim)
         hidden = swiglu_hidden_dim(dim, multiple_of)
-        self.layers = nn.ModuleList(TransformerBlock(dim, n_heads, hidden, eps, dropout) for _ in range(n_layers))
+        self.layers = nn.ModuleList(TransformerBlock(dim, n_heads, hidden, eps, dropout, window=window)
+                                    for _ in range(n_layers))
         self.norm = RMSNorm(dim, eps)
         self.output = nn.Linear(dim, VOCAB_SIZE, bias=False)
 

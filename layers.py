@@ -5,10 +5,20 @@ pre-norm RMSNorm, rotary position embeddings (RoPE), SwiGLU feed-forward, linear
 cross-attention of the local encoder and decoder (paper sections 3.2.2 and 3.3) lives here too, since both
 use the same module.
 
-Attention goes through torch.nn.functional.scaled_dot_product_attention with a boolean mask (True = may
-attend). FlexAttention would be faster on GPU, but it has no CPU backward, and this project trains on CPU.
+Masks are booleans (True = may attend) and are the specification: every attention below computes exactly
+the masked softmax of `attend`, and the faster paths only skip pairs the mask forbids.
+  * self-attention with a sliding window (`attend_sliding_window`): blocks of `window` queries attend to
+    their own and the previous block, 2 * window keys instead of T;
+  * cross-attention where each query may read at most n keys (the decoder: the k slots of one patch,
+    `attend_few_keys`) or each key may be read by at most n queries (the encoder: a byte is read by the
+    k queries of its own patch, `attend_few_queries`): O(T * n * D) instead of O(T * S * D).
+FlexAttention would be faster on GPU, but it has no CPU backward, and this project trains on CPU.
 
-Shapes: B = batch, T = query length, S = key length, H = heads, Dh = head width, D = model width.
+Precision: under bf16 autocast everything runs in bf16 except the mean of squares in RMSNorm and the RoPE
+angles, which are computed in float32 once per forward and then stored in the compute dtype.
+
+Shapes: B = batch, T = query length, S = key length, H = heads, Dh = head width, D = model width,
+n = keys (or queries) allowed per query (or key).
 """
 import math
 
@@ -86,6 +96,31 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.masked_fill(empty, 0.0)
+
+
+def attend_sliding_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                          window: int) -> torch.Tensor | None:
+    """`attend` for a mask that allows key s to query t only when t - window < s <= t: O(T * window).
+
+    Queries are cut into blocks of `window` positions. The keys a block may see lie in that block and the
+    one before, so each block attends to those 2 * window keys only, under the matching piece of `mask`.
+    q, k, v: (B, H, T, Dh), mask: (B or 1, 1, T, T) -> (B, H, T, Dh).
+    Returns None when `mask` allows a pair outside those pieces (then use `attend`).
+    """
+    B, H, T, Dh = q.shape
+    W, nb = window, -(-T // window)  # block size, number of blocks
+    pad = nb * W - T  # the last block is padded with queries and keys that the mask forbids
+    t = torch.arange(nb * W, device=q.device).view(nb, W, 1)  # (nb, W, 1): query positions of each block
+    s = t[:, :1] - W + torch.arange(2 * W, device=q.device)  # (nb, 1, 2W): its key positions (< 0: none)
+    pieces = F.pad(mask, (W, pad, 0, pad))[:, :, t, s + W]  # (B or 1, 1, nb, W, 2W); W empty keys in front
+    if not torch.compiler.is_compiling() and pieces.sum() != mask.sum():
+        return None  # the mask allows a key further back than the previous block
+    qb = F.pad(q, (0, 0, 0, pad)).reshape(B, H * nb, W, Dh)
+    kb, vb = (F.pad(x, (0, 0, W, pad)).unflatten(2, (nb + 1, W)) for x in (k, v))  # (B, H, nb+1, W, Dh)
+    kb, vb = (torch.cat([x[:, :, :-1], x[:, :, 1:]], dim=3).reshape(B, H * nb, 2 * W, Dh)  # previous + own block
+              for x in (kb, vb))
+    pieces = pieces.expand(-1, H, -1, -1, -1).reshape(-1, H * nb, W, 2 * W)  # (B or 1, H*nb, W, 2W)
+    return attend(qb, kb, vb, pieces).view(B, H, nb * W, Dh)[:, :, :T]
 
 
 def few_allowed(mask: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -183,12 +218,18 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with RoPE on queries and keys."""
+    """Multi-head self-attention with RoPE on queries and keys.
 
-    def __init__(self, dim: int, n_heads: int):
+    window: the layer's sliding window, if any. Its masks then allow only the window - 1 keys before each
+    query and the query itself; for sequences longer than 4 * window attention runs blockwise, each block
+    of `window` queries against its own and the previous block (`attend_sliding_window`), and falls back
+    to `attend` for a mask that reaches further.
+    """
+
+    def __init__(self, dim: int, n_heads: int, window: int | None = None):
         super().__init__()
         assert dim % n_heads == 0, f"width {dim} is not divisible by {n_heads} heads"
-        self.n_heads, self.head_dim = n_heads, dim // n_heads
+        self.n_heads, self.head_dim, self.window = n_heads, dim // n_heads, window
         self.wq = nn.Linear(dim, dim, bias=False)
         self.wk = nn.Linear(dim, dim, bias=False)
         self.wv = nn.Linear(dim, dim, bias=False)
@@ -200,10 +241,14 @@ class Attention(nn.Module):
         B, T, D = x.shape
         q, k, v = (w(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, Dh)
+        out = None
         if cache is not None:
             k, v, key_positions = cache.update(k, v, positions)  # (B, H, S, Dh), S = kept + T
             mask = causal_mask(positions, key_positions, cache.window)  # (1, 1, T, S)
-        out = attend(q, k, v, mask)  # (B, H, T, Dh)
+        elif self.window is not None and T > 4 * self.window:  # below that, blocks save too little (measured)
+            out = attend_sliding_window(q, k, v, mask, self.window)  # None if the mask reaches further
+        if out is None:
+            out = attend(q, k, v, mask)  # (B, H, T, Dh)
         return self.wo(out.transpose(1, 2).reshape(B, T, D))
 
 
@@ -231,12 +276,14 @@ def swiglu_hidden_dim(dim: int, multiple_of: int = 256, ffn_dim_multiplier: floa
 class TransformerBlock(nn.Module):
     """Pre-norm block: x + attention(norm(x)), then x + feed_forward(norm(x)).
 
-    dropout (on each residual branch, training only) is 0 in the released models; small corpora need it."""
+    dropout (on each residual branch, training only) is 0 in the released models; small corpora need it.
+    window: the sliding window of the masks this block gets, if any (see Attention)."""
 
-    def __init__(self, dim: int, n_heads: int, hidden_dim: int, eps: float = 1e-5, dropout: float = 0.0):
+    def __init__(self, dim: int, n_heads: int, hidden_dim: int, eps: float = 1e-5, dropout: float = 0.0,
+                 window: int | None = None):
         super().__init__()
         self.attention_norm = RMSNorm(dim, eps)
-        self.attention = Attention(dim, n_heads)
+        self.attention = Attention(dim, n_heads, window)
         self.ffn_norm = RMSNorm(dim, eps)
         self.feed_forward = FeedForward(dim, hidden_dim)
         self.dropout = nn.Dropout(dropout)

@@ -1,14 +1,15 @@
 """The fast attention paths of layers.py against the dense masked reference `attend`, outputs and gradients
 in float32: cross-attention that scores only the allowed pairs (decoder: a byte reads the k slots of one
-patch; encoder: a patch's k queries read its own bytes), then the same equality for a whole BLT, and the
-bf16 path."""
+patch; encoder: a patch's k queries read its own bytes) and sliding-window self-attention in blocks. Then
+the same equality for a whole BLT, and the bf16 path."""
 import pytest
 import torch
 
 import layers
 from blt import BLT, BLTConfig
 from decoder import decoder_patch_ids
-from layers import CrossAttention, TransformerBlock, attend, few_allowed, rope_cos_sin
+from layers import (CrossAttention, KVCache, TransformerBlock, attend, attend_sliding_window, causal_mask,
+                    few_allowed, rope_cos_sin)
 from patching import patch_ids_from_lengths, tokenize
 
 ATOL = 1e-5
@@ -113,6 +114,68 @@ def test_few_allowed_pads_short_rows_with_forbidden_columns():
     assert set(index[0].tolist()) == {0, 3} and index[1, 0] == 2
 
 
+# ---- sliding-window self-attention ----
+
+@pytest.mark.parametrize("window, T", [(3, 13), (4, 17), (4, 32), (8, 45)])
+def test_sliding_window_blocks_match_dense(window, T):
+    torch.manual_seed(window + T)
+    q, k, v = torch.randn(3, 2, T, 8), torch.randn(3, 2, T, 8), torch.randn(3, 2, T, 8)
+    pos = torch.arange(T)
+    mask = causal_mask(pos, pos, window)
+
+    def blocks(q, k, v):
+        out = attend_sliding_window(q, k, v, mask, window)
+        assert out is not None
+        return out
+
+    module = torch.nn.Module()  # no parameters
+    dense = outputs_and_grads(lambda *x: attend(*x, mask), module, q, k, v)
+    assert_same(outputs_and_grads(blocks, module, q, k, v), dense)
+
+
+def test_sliding_window_blocks_honour_the_mask_inside_the_window():
+    """The blocks cut their mask out of the given one: a per-row mask with holes inside the window (and a
+    row with nothing allowed) gives the dense result."""
+    torch.manual_seed(0)
+    T, window = 21, 4
+    q, k, v = torch.randn(2, 2, T, 8), torch.randn(2, 2, T, 8), torch.randn(2, 2, T, 8)
+    pos = torch.arange(T)
+    mask = causal_mask(pos, pos, window) & (torch.rand(2, 1, T, T) > 0.3)
+    mask[1, 0, 5] = False
+    torch.testing.assert_close(attend_sliding_window(q, k, v, mask, window), attend(q, k, v, mask),
+                               atol=ATOL, rtol=0)
+
+
+def test_sliding_window_refuses_a_mask_that_reaches_further():
+    T = 20
+    pos = torch.arange(T)
+    q = torch.randn(1, 1, T, 8)
+    # blocks of 4 hold every key of a window of 4, even 5; a window of 6 reaches before the previous block
+    assert attend_sliding_window(q, q, q, causal_mask(pos, pos, 5), 4) is not None
+    assert attend_sliding_window(q, q, q, causal_mask(pos, pos, 6), 4) is None
+    assert attend_sliding_window(q, q, q, causal_mask(pos, pos), 4) is None
+
+
+@pytest.mark.parametrize("window", [2, 5])
+def test_block_with_window_matches_dense_block_and_kv_cache(window):
+    """TransformerBlock(window=w) takes the blocked path for T > 4w; it equals the dense block (outputs and
+    gradients), and the KV-cache path (one position at a time, as in sample.py) is unchanged."""
+    torch.manual_seed(window)
+    T = 4 * window + 7
+    blocked, dense = TransformerBlock(32, 4, 64, window=window), TransformerBlock(32, 4, 64)
+    dense.load_state_dict(blocked.state_dict())
+    pos = torch.arange(T)
+    cos, sin = rope_cos_sin(pos, 8, 10000.0)
+    mask = causal_mask(pos, pos, window)
+    x = torch.randn(2, T, 32)
+    full = outputs_and_grads(lambda x: blocked(x, mask, cos, sin), blocked, x)
+    assert_same(full, outputs_and_grads(lambda x: dense(x, mask, cos, sin), dense, x))
+    cache = KVCache(window)
+    with torch.no_grad():
+        steps = [blocked(x[:, t:t + 1], None, cos[t:t + 1], sin[t:t + 1], cache, pos[t:t + 1]) for t in range(T)]
+    torch.testing.assert_close(torch.cat(steps, 1), full[0].detach(), atol=ATOL, rtol=0)
+
+
 # ---- the whole model ----
 
 def small_blt(**overrides) -> BLT:
@@ -125,8 +188,8 @@ def small_blt(**overrides) -> BLT:
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_whole_model_fast_paths_match_dense(k, monkeypatch):
-    """BLT with the few-pair cross-attention against the same weights with dense cross-attention, on a ragged
-    batch with padding patches."""
+    """BLT with every fast path (few-pair cross-attention, sliding-window blocks: T = 30 > 4 * window) against
+    the same weights with dense attention everywhere, on a ragged batch with padding patches."""
     model = small_blt(cross_attn_k=k)
     rows = [b"a b c d e f g h i j k l m n op", b"abcdefghijklmnopqrstuvwxyz1234"]  # 30 bytes each
     tokens = torch.tensor([tokenize(r) for r in rows])[:, :-1]
@@ -141,6 +204,7 @@ def test_whole_model_fast_paths_match_dense(k, monkeypatch):
 
     fast = run()
     monkeypatch.setattr(layers, "few_allowed", lambda mask, n: None)
+    monkeypatch.setattr(layers, "attend_sliding_window", lambda *args: None)
     assert_same(fast, run())
 
 
