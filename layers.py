@@ -14,8 +14,9 @@ the masked softmax of `attend`, and the faster paths only skip pairs the mask fo
     k queries of its own patch, `attend_few_queries`): O(T * n * D) instead of O(T * S * D).
 FlexAttention would be faster on GPU, but it has no CPU backward, and this project trains on CPU.
 
-Precision: under bf16 autocast everything runs in bf16 except the mean of squares in RMSNorm and the RoPE
-angles, which are computed in float32 once per forward and then stored in the compute dtype.
+Precision under bf16 autocast: activations are computed in bf16, with no float32 round trips inside a
+layer. Float32 stays where it matters: the residual stream (autocast adds bf16 branches to it), the mean of
+squares in RMSNorm, the RoPE angles (computed once per forward, then stored in bf16) and the loss.
 
 Shapes: B = batch, T = query length, S = key length, H = heads, Dh = head width, D = model width,
 n = keys (or queries) allowed per query (or key).
