@@ -104,24 +104,33 @@ def attend_sliding_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     """`attend` for a mask that allows key s to query t only when t - window < s <= t: O(T * window).
 
     Queries are cut into blocks of `window` positions. The keys a block may see lie in that block and the
-    one before, so each block attends to those 2 * window keys only, under the matching piece of `mask`.
-    q, k, v: (B, H, T, Dh), mask: (B or 1, 1, T, T) -> (B, H, T, Dh).
+    one before, so block 0 attends to itself only and every later block to 2 * window keys, under the
+    matching piece of `mask` (the later blocks in one batched call). q, k, v: (B, H, T, Dh),
+    mask: (B or 1, 1, T, T) -> (B, H, T, Dh).
     Returns None when `mask` allows a pair outside those pieces (then use `attend`).
     """
     B, H, T, Dh = q.shape
-    W, nb = window, -(-T // window)  # block size, number of blocks
-    pad = nb * W - T  # the last block is padded with queries and keys that the mask forbids
-    t = torch.arange(nb * W, device=q.device).view(nb, W, 1)  # (nb, W, 1): query positions of each block
-    s = t[:, :1] - W + torch.arange(2 * W, device=q.device)  # (nb, 1, 2W): its key positions (< 0: none)
-    pieces = F.pad(mask, (W, pad, 0, pad))[:, :, t, s + W]  # (B or 1, 1, nb, W, 2W); W empty keys in front
-    if not torch.compiler.is_compiling() and pieces.sum() != mask.sum():
+    W = window
+    if T <= W:
+        return attend(q, k, v, mask)  # one block
+    nb = -(-(T - W) // W)  # blocks after the first
+    pad = (nb + 1) * W - T  # the last block is padded with queries and keys that the mask forbids
+    t = W + torch.arange(nb * W, device=q.device).view(nb, W, 1)  # (nb, W, 1): query positions of blocks 1..
+    s = t[:, :1] - W + torch.arange(2 * W, device=q.device)  # (nb, 1, 2W): the previous and the own block
+    pieces = F.pad(mask, (0, pad, 0, pad))[:, :, t, s]  # (B or 1, 1, nb, W, 2W)
+    first = mask[:, :, :W, :W]  # (B or 1, 1, W, W): block 0 sees only itself
+    if not torch.compiler.is_compiling() and pieces.sum() + first.sum() != mask.sum():
         return None  # the mask allows a key further back than the previous block
-    qb = F.pad(q, (0, 0, 0, pad)).reshape(B, H * nb, W, Dh)
-    kb, vb = (F.pad(x, (0, 0, W, pad)).unflatten(2, (nb + 1, W)) for x in (k, v))  # (B, H, nb+1, W, Dh)
-    kb, vb = (torch.cat([x[:, :, :-1], x[:, :, 1:]], dim=3).reshape(B, H * nb, 2 * W, Dh)  # previous + own block
-              for x in (kb, vb))
+    out0 = attend(q[:, :, :W], k[:, :, :W], v[:, :, :W], first)  # (B, H, W, Dh)
+    if nb == 1:  # T <= 2W: the second block sees every key, no need to cut
+        return torch.cat([out0, attend(q[:, :, W:], k, v, mask[:, :, W:])], dim=2)
+    qb = F.pad(q[:, :, W:], (0, 0, 0, pad)).reshape(B, H * nb, W, Dh)
+    kb, vb = (F.pad(x, (0, 0, 0, pad)).unflatten(2, (nb + 1, W)) for x in (k, v))  # (B, H, nb+1, W, Dh)
+    kb, vb = (torch.cat([x[:, :, :-1], x[:, :, 1:]], dim=3).reshape(B, H * nb, 2 * W, Dh)  # previous + own
+              for x in (kb, vb))  # a copy: each key serves two blocks
     pieces = pieces.expand(-1, H, -1, -1, -1).reshape(-1, H * nb, W, 2 * W)  # (B or 1, H*nb, W, 2W)
-    return attend(qb, kb, vb, pieces).view(B, H, nb * W, Dh)[:, :, :T]
+    out = attend(qb, kb, vb, pieces).view(B, H, nb * W, Dh)
+    return torch.cat([out0, out[:, :, :T - W]], dim=2)
 
 
 def few_allowed(mask: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -116,7 +116,7 @@ def test_few_allowed_pads_short_rows_with_forbidden_columns():
 
 # ---- sliding-window self-attention ----
 
-@pytest.mark.parametrize("window, T", [(3, 13), (4, 17), (4, 32), (8, 45)])
+@pytest.mark.parametrize("window, T", [(4, 3), (4, 7), (3, 13), (4, 17), (4, 32), (8, 45)])
 def test_sliding_window_blocks_match_dense(window, T):
     torch.manual_seed(window + T)
     q, k, v = torch.randn(3, 2, T, 8), torch.randn(3, 2, T, 8), torch.randn(3, 2, T, 8)
