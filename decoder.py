@@ -20,7 +20,8 @@ Shapes: B = batch, T = bytes, P = patches, k = slots per patch, D = D_D (decoder
 import torch
 import torch.nn as nn
 
-from layers import CrossAttention, RMSNorm, TransformerBlock, causal_mask, rope_cos_sin, swiglu_hidden_dim
+from layers import (CrossAttention, RMSNorm, TransformerBlock, causal_mask, compute_dtype, rope_cos_sin,
+                    swiglu_hidden_dim)
 from patching import VOCAB_SIZE, patch_ids_from_lengths
 
 
@@ -53,8 +54,8 @@ class LocalDecoder(nn.Module):
         n_cross = cfg.decoder_layers if cfg.cross_attn_all_layers_decoder else 1
         self.cross_attn = nn.ModuleList(CrossAttention(D, cfg.local_heads, cfg.norm_eps) for _ in range(n_cross))
         hidden = swiglu_hidden_dim(D, cfg.multiple_of)
-        self.layers = nn.ModuleList(TransformerBlock(D, cfg.local_heads, hidden, cfg.norm_eps, cfg.dropout)
-                                    for _ in range(cfg.decoder_layers))
+        self.layers = nn.ModuleList(TransformerBlock(D, cfg.local_heads, hidden, cfg.norm_eps, cfg.dropout,
+                                                     window=cfg.local_window) for _ in range(cfg.decoder_layers))
         self.norm = RMSNorm(D, cfg.norm_eps)
         self.output = nn.Linear(D, VOCAB_SIZE, bias=False)
 
@@ -71,10 +72,11 @@ class LocalDecoder(nn.Module):
         slot_patch = torch.arange(P, device=h.device).repeat_interleave(k)  # (P*k,)
         cross_mask = (dec_patch_ids[:, :, None] == slot_patch[None, None, :])[:, None]  # (B, 1, T, P*k)
         # --- end solution ---
-        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta)
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, compute_dtype(h))  # (T, Dh)
         mask = None if caches else causal_mask(positions, positions, self.window)  # (1, 1, T, T)
         for i, layer in enumerate(self.layers):
             if i < len(self.cross_attn):
-                h = h + self.cross_attn[i](h, slots, cross_mask)  # released: 2 * h + attention (§3.3: h + attn)
+                # each byte may read k slots: attention gathers those k instead of scoring all P*k
+                h = h + self.cross_attn[i](h, slots, cross_mask, keys_per_query=k)  # released: 2h + attn (§3.3: h + attn)
             h = layer(h, mask, cos, sin, caches[i] if caches else None, positions)
         return self.output(self.norm(h))  # (B, T, V)

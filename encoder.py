@@ -22,7 +22,7 @@ Shapes: B = batch, T = bytes, P = patches, k = query slots per patch, D = D_E (e
 import torch
 import torch.nn as nn
 
-from layers import CrossAttention, RMSNorm, TransformerBlock, causal_mask, rope_cos_sin, swiglu_hidden_dim
+from layers import CrossAttention, TransformerBlock, causal_mask, compute_dtype, rope_cos_sin, swiglu_hidden_dim
 from patching import VOCAB_SIZE, patch_ids_from_lengths
 
 # The released code's primes, one per hash function (paper section 3.2.1 leaves the hash's constants open).
@@ -62,8 +62,8 @@ class LocalEncoder(nn.Module):
             nn.Embedding(cfg.hash_buckets, D) for _ in range(cfg.hash_functions * len(self.hash_sizes))
         )
         hidden = swiglu_hidden_dim(D, cfg.multiple_of)
-        self.layers = nn.ModuleList(TransformerBlock(D, cfg.local_heads, hidden, cfg.norm_eps, cfg.dropout)
-                                    for _ in range(cfg.encoder_layers))
+        self.layers = nn.ModuleList(TransformerBlock(D, cfg.local_heads, hidden, cfg.norm_eps, cfg.dropout,
+                                                     window=cfg.local_window) for _ in range(cfg.encoder_layers))
         self.dropout = nn.Dropout(cfg.dropout)  # on the summed embeddings: the hash tables memorise a small corpus
         self.patch_projection = nn.Linear(D, self.k * D, bias=False)  # pooled patch -> k query vectors
         self.cross_attn = CrossAttention(D, cfg.local_heads, cfg.norm_eps)
@@ -82,7 +82,7 @@ class LocalEncoder(nn.Module):
     def byte_layers(self, h: torch.Tensor, positions: torch.Tensor, caches=None) -> torch.Tensor:
         """Local transformer. h: (B, T, D) at positions (T,) -> (B, T, D). With caches, only the new
         positions are given and each layer's KVCache holds the window before them."""
-        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta)
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, compute_dtype(h))  # (T, Dh), all layers
         mask = None if caches else causal_mask(positions, positions, self.window)  # (1, 1, T, T)
         for i, layer in enumerate(self.layers):
             h = layer(h, mask, cos, sin, caches[i] if caches else None, positions)
@@ -100,7 +100,8 @@ class LocalEncoder(nn.Module):
         queries = self.patch_projection(pooled).view(B, P * k, D)  # (B, P*k, D): slot j of patch p at p*k + j
         query_patch = torch.arange(P, device=h.device).repeat_interleave(k)  # (P*k,)
         mask = (query_patch[None, :, None] == patch_ids[:, None, :])[:, None]  # (B, 1, P*k, T): own bytes only
-        patches = queries + self.cross_attn(queries, h, mask)  # released: 2 * queries + attention (§3.2.2: q + attn)
+        # a byte is read by the k queries of its patch only: attention scores just those pairs
+        patches = queries + self.cross_attn(queries, h, mask, queries_per_key=k)  # released: 2 * queries + attn
         return patches.view(B, P, k * D)
         # --- end solution ---
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from layers import KVCache, RMSNorm, TransformerBlock, causal_mask, rope_cos_sin, swiglu_hidden_dim
+from layers import KVCache, RMSNorm, TransformerBlock, causal_mask, compute_dtype, rope_cos_sin, swiglu_hidden_dim
 from patching import VOCAB_SIZE
 
 
@@ -113,7 +113,8 @@ class EntropyModel(nn.Module):
         self.window, self.rope_theta, self.head_dim = window, rope_theta, dim // n_heads
         self.tok_embeddings = nn.Embedding(VOCAB_SIZE, dim)
         hidden = swiglu_hidden_dim(dim, multiple_of)
-        self.layers = nn.ModuleList(TransformerBlock(dim, n_heads, hidden, eps, dropout) for _ in range(n_layers))
+        self.layers = nn.ModuleList(TransformerBlock(dim, n_heads, hidden, eps, dropout, window=window)
+                                    for _ in range(n_layers))
         self.norm = RMSNorm(dim, eps)
         self.output = nn.Linear(dim, VOCAB_SIZE, bias=False)
 
@@ -125,7 +126,7 @@ class EntropyModel(nn.Module):
         """
         B, T = tokens.shape
         pos = torch.arange(start_pos, start_pos + T, device=tokens.device)  # (T,)
-        cos, sin = rope_cos_sin(pos, self.head_dim, self.rope_theta)  # (T, Dh)
+        cos, sin = rope_cos_sin(pos, self.head_dim, self.rope_theta, compute_dtype(self.output.weight))  # (T, Dh)
         # --- solution: stage 1: causal sliding-window mask (paper §2.3, §2.4) ---
         mask = None if caches else causal_mask(pos, pos, self.window)  # (1, 1, T, T)
         # --- end solution ---

@@ -15,7 +15,7 @@ Shapes: B = batch, P = patches, D_G = global width.
 import torch
 import torch.nn as nn
 
-from layers import TransformerBlock, causal_mask, rope_cos_sin, swiglu_hidden_dim
+from layers import TransformerBlock, causal_mask, compute_dtype, rope_cos_sin, swiglu_hidden_dim
 
 
 class GlobalTransformer(nn.Module):
@@ -37,7 +37,7 @@ class GlobalTransformer(nn.Module):
         P = patches.shape[1]
         h = self.input_projection(patches) if self.input_projection is not None else patches
         positions = torch.arange(start, start + P, device=patches.device)  # (P,) patch indices
-        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta)
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, compute_dtype(h))  # (P, Dh)
         # --- solution: stage 5: causal mask over patches (paper §3.1) ---
         mask = None if caches else causal_mask(positions, positions)  # (1, 1, P, P) causal over patches
         # --- end solution ---

@@ -5,10 +5,21 @@ pre-norm RMSNorm, rotary position embeddings (RoPE), SwiGLU feed-forward, linear
 cross-attention of the local encoder and decoder (paper sections 3.2.2 and 3.3) lives here too, since both
 use the same module.
 
-Attention goes through torch.nn.functional.scaled_dot_product_attention with a boolean mask (True = may
-attend). FlexAttention would be faster on GPU, but it has no CPU backward, and this project trains on CPU.
+Masks are booleans (True = may attend) and are the specification: every attention below computes exactly
+the masked softmax of `attend`, and the faster paths only skip pairs the mask forbids.
+  * self-attention with a sliding window (`attend_sliding_window`): blocks of `window` queries attend to
+    their own and the previous block, 2 * window keys instead of T;
+  * cross-attention where each query may read at most n keys (the decoder: the k slots of one patch,
+    `attend_few_keys`) or each key may be read by at most n queries (the encoder: a byte is read by the
+    k queries of its own patch, `attend_few_queries`): O(T * n * D) instead of O(T * S * D).
+FlexAttention would be faster on GPU, but it has no CPU backward, and this project trains on CPU.
 
-Shapes: B = batch, T = query length, S = key length, H = heads, Dh = head width, D = model width.
+Precision under bf16 autocast: activations are computed in bf16, with no float32 round trips inside a
+layer. Float32 stays where it matters: the residual stream (autocast adds bf16 branches to it), the mean of
+squares in RMSNorm, the RoPE angles (computed once per forward, then stored in bf16) and the loss.
+
+Shapes: B = batch, T = query length, S = key length, H = heads, Dh = head width, D = model width,
+n = keys (or queries) allowed per query (or key).
 """
 import math
 
@@ -17,8 +28,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in: the autocast dtype inside torch.autocast, else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32 so bf16 autocast does not lose precision in the mean."""
+    """x / rms(x) * weight. The mean of squares accumulates in float32 (a bf16 sum of D squares would lose
+    precision); the output is in the compute dtype, ready for the linear layer that always follows."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -26,31 +45,41 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        mean_square = x.pow(2).mean(dim=-1, keepdim=True, dtype=torch.float32)  # (..., 1) float32
+        dtype = compute_dtype(x)
+        return (x * torch.rsqrt(mean_square + self.eps).to(x.dtype)).to(dtype) * self.weight.to(dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotation angles for RoPE. positions: (..., T) -> cos, sin: (..., T, Dh), float32.
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotation angles for RoPE. positions: (..., T) -> cos, sin: (..., T, Dh) in `dtype`.
 
     Channel pair (2i, 2i+1) of each head is rotated by angle position * theta^(-2i/Dh). This interleaved
     layout is the released code's (complex-number RoPE) and the Hugging Face port's; Llama's port uses
-    (i, i + Dh/2) instead, and weights are not interchangeable between the two layouts.
+    (i, i + Dh/2) instead, and weights are not interchangeable between the two layouts. The angles are
+    computed in float32 (position * frequency needs the precision); callers compute the tables once per
+    forward, in the dtype the queries and keys come out of their projections (bf16 under autocast).
     """
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     angles = positions.float()[..., None] * inv_freq  # (..., T, Dh/2)
     angles = angles.repeat_interleave(2, dim=-1)  # (..., T, Dh): each angle for both channels of its pair
-    return angles.cos(), angles.sin()
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, Dh); cos, sin: (T, Dh) or (B, T, Dh). (x_2i, x_2i+1) -> rotation of that pair."""
+    """x: (B, H, T, Dh); cos, sin: (T, Dh) or (B, T, Dh). (x_2i, x_2i+1) -> rotation of that pair.
+    Computed in x's dtype (the tables are cast if they differ, a no-op when made with rope_cos_sin(dtype))."""
     if cos.dim() == 3:
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, Dh) to broadcast over heads
     pairs = x.unflatten(-1, (-1, 2))  # (B, H, T, Dh/2, 2)
     rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)  # (-x_2i+1, x_2i)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+def _explicit_math(q: torch.Tensor) -> bool:
+    """True where scores = q k^T, softmax, @ v is faster than F.scaled_dot_product_attention: training in
+    bf16 on CPU, where the fused kernel's backward is several times slower than its forward (torch 2.13)."""
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled()
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -60,8 +89,104 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     the NaN a fully masked softmax would give; a NaN would otherwise leak into real positions through 0 * NaN.
     """
     empty = ~mask.any(dim=-1, keepdim=True)  # (B, 1, T, 1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | empty)
+    mask = mask | empty
+    if _explicit_math(q):
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2) + bias  # (B, H, T, S), -inf where forbidden
+        out = scores.softmax(dim=-1) @ v
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.masked_fill(empty, 0.0)
+
+
+def attend_sliding_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                          window: int) -> torch.Tensor | None:
+    """`attend` for a mask that allows key s to query t only when t - window < s <= t: O(T * window).
+
+    Queries are cut into blocks of `window` positions. The keys a block may see lie in that block and the
+    one before, so block 0 attends to itself only and every later block to 2 * window keys, under the
+    matching piece of `mask` (the later blocks in one batched call). q, k, v: (B, H, T, Dh),
+    mask: (B or 1, 1, T, T) -> (B, H, T, Dh).
+    Returns None when `mask` allows a pair outside those pieces (then use `attend`).
+    """
+    B, H, T, Dh = q.shape
+    W = window
+    if T <= W:
+        return attend(q, k, v, mask)  # one block
+    nb = -(-(T - W) // W)  # blocks after the first
+    pad = (nb + 1) * W - T  # the last block is padded with queries and keys that the mask forbids
+    t = W + torch.arange(nb * W, device=q.device).view(nb, W, 1)  # (nb, W, 1): query positions of blocks 1..
+    s = t[:, :1] - W + torch.arange(2 * W, device=q.device)  # (nb, 1, 2W): the previous and the own block
+    pieces = F.pad(mask, (0, pad, 0, pad))[:, :, t, s]  # (B or 1, 1, nb, W, 2W)
+    first = mask[:, :, :W, :W]  # (B or 1, 1, W, W): block 0 sees only itself
+    if not torch.compiler.is_compiling() and pieces.sum() + first.sum() != mask.sum():
+        return None  # the mask allows a key further back than the previous block
+    out0 = attend(q[:, :, :W], k[:, :, :W], v[:, :, :W], first)  # (B, H, W, Dh)
+    if nb == 1:  # T <= 2W: the second block sees every key, no need to cut
+        return torch.cat([out0, attend(q[:, :, W:], k, v, mask[:, :, W:])], dim=2)
+    qb = F.pad(q[:, :, W:], (0, 0, 0, pad)).reshape(B, H * nb, W, Dh)
+    kb, vb = (F.pad(x, (0, 0, 0, pad)).unflatten(2, (nb + 1, W)) for x in (k, v))  # (B, H, nb+1, W, Dh)
+    kb, vb = (torch.cat([x[:, :, :-1], x[:, :, 1:]], dim=3).reshape(B, H * nb, 2 * W, Dh)  # previous + own
+              for x in (kb, vb))  # a copy: each key serves two blocks
+    pieces = pieces.expand(-1, H, -1, -1, -1).reshape(-1, H * nb, W, 2 * W)  # (B or 1, H*nb, W, 2W)
+    out = attend(qb, kb, vb, pieces).view(B, H, nb * W, Dh)
+    return torch.cat([out0, out[:, :, :T - W]], dim=2)
+
+
+def few_allowed(mask: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The at most n True entries of every row of a bool mask (..., R, C), shape-static: their column
+    indices (..., R, n) and whether each is really allowed (a row with fewer than n Trues is filled with
+    forbidden columns). None when some row has more than n Trues."""
+    allowed, index = mask.to(torch.uint8).topk(min(n + 1, mask.shape[-1]), dim=-1)
+    if not torch.compiler.is_compiling() and n < mask.shape[-1] and allowed[..., n].any():
+        return None
+    return index[..., :n], allowed[..., :n].bool()
+
+
+def _rows(index: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """index: (B, T, n) row numbers within each batch element -> (B*T*n,) rows of the flattened (B*n_rows)."""
+    return (index + n_rows * torch.arange(index.shape[0], device=index.device)[:, None, None]).flatten()
+
+
+def attend_few_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+                    allowed: torch.Tensor) -> torch.Tensor:
+    """`attend` when each query may read at most n keys (the decoder: the k slots of one patch).
+    q: (B, T, H, Dh), k, v: (B, S, H, Dh), index, allowed: (B, T, n) from few_allowed -> (B, T, H, Dh).
+    Each query's n keys are gathered and scored: O(T * n * D), and no (T, S) scores."""
+    (B, T, n), (S, H, Dh) = index.shape, k.shape[1:]
+    rows = _rows(index, S)  # (B*T*n,)
+    kq, vq = (x.reshape(B * S, H, Dh).index_select(0, rows).view(B, T, n, H, Dh) for x in (k, v))
+    scores = (q[:, :, None] * kq).sum(-1) * Dh ** -0.5  # (B, T, n, H)
+    empty = ~allowed.any(dim=-1, keepdim=True)  # (B, T, 1): as in attend, a query with no key gets 0
+    weights = scores.masked_fill(~(allowed | empty)[..., None], float("-inf")).softmax(dim=2)
+    out = (weights[..., None] * vq).sum(2)  # (B, T, H, Dh)
+    return out.masked_fill(empty[..., None], 0.0)
+
+
+def attend_few_queries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+                       allowed: torch.Tensor) -> torch.Tensor:
+    """`attend` when each key may be read by at most n queries (the encoder: byte t by the k queries of
+    its own patch). q: (B, Q, H, Dh), k, v: (B, T, H, Dh), index, allowed: (B, T, n) from few_allowed on
+    the transposed mask (the queries of each key) -> (B, Q, H, Dh).
+
+    Each (key, query) pair is scored once, O(T * n * D). The softmax of a query runs over the segment of
+    pairs that share it: its max and its sum are reduced into per-query slots (scatter_reduce amax,
+    index_add), and so is the weighted sum of values. A query that no key allows (an empty patch) gets 0.
+    """
+    (B, T, n), (Q, H, Dh) = index.shape, q.shape[1:]
+    rows = _rows(index, Q)  # (B*T*n,): the query of each pair, in the flattened (B*Q)
+    qk = q.reshape(B * Q, H, Dh).index_select(0, rows).view(B, T, n, H, Dh)
+    scores = (qk * k[:, :, None]).sum(-1) * Dh ** -0.5  # (B, T, n, H)
+    scores = scores.masked_fill(~allowed[..., None], float("-inf")).view(B * T * n, H)
+    with torch.no_grad():  # softmax is shift-invariant: any per-query shift is exact; the max avoids overflow
+        top = scores.new_full((B * Q, H), float("-inf"))
+        top = top.scatter_reduce(0, rows[:, None].expand(-1, H), scores, reduce="amax")  # (B*Q, H) per-query max
+        top = top.masked_fill(top == float("-inf"), 0.0)  # a query without an allowed pair
+    e = torch.exp(scores - top[rows])  # (B*T*n, H): 0 where forbidden, 1 at each query's max
+    total = torch.zeros_like(top).index_add(0, rows, e)  # (B*Q, H): >= 1 for a query with a key, else 0
+    values = e[..., None] * v[:, :, None].expand(B, T, n, H, Dh).reshape(B * T * n, H, Dh)
+    out = torch.zeros(B * Q, H, Dh, dtype=values.dtype, device=q.device).index_add(0, rows, values)
+    return (out / total.clamp(min=1.0)[..., None]).view(B, Q, H, Dh)
 
 
 def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
@@ -103,12 +228,18 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with RoPE on queries and keys."""
+    """Multi-head self-attention with RoPE on queries and keys.
 
-    def __init__(self, dim: int, n_heads: int):
+    window: the layer's sliding window, if any. Its masks then allow only the window - 1 keys before each
+    query and the query itself; for sequences longer than 4 * window attention runs blockwise, each block
+    of `window` queries against its own and the previous block (`attend_sliding_window`), and falls back
+    to `attend` for a mask that reaches further.
+    """
+
+    def __init__(self, dim: int, n_heads: int, window: int | None = None):
         super().__init__()
         assert dim % n_heads == 0, f"width {dim} is not divisible by {n_heads} heads"
-        self.n_heads, self.head_dim = n_heads, dim // n_heads
+        self.n_heads, self.head_dim, self.window = n_heads, dim // n_heads, window
         self.wq = nn.Linear(dim, dim, bias=False)
         self.wk = nn.Linear(dim, dim, bias=False)
         self.wv = nn.Linear(dim, dim, bias=False)
@@ -120,10 +251,14 @@ class Attention(nn.Module):
         B, T, D = x.shape
         q, k, v = (w(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, Dh)
+        out = None
         if cache is not None:
             k, v, key_positions = cache.update(k, v, positions)  # (B, H, S, Dh), S = kept + T
             mask = causal_mask(positions, key_positions, cache.window)  # (1, 1, T, S)
-        out = attend(q, k, v, mask)  # (B, H, T, Dh)
+        elif self.window is not None and T > 4 * self.window:  # below that, blocks save too little (measured)
+            out = attend_sliding_window(q, k, v, mask, self.window)  # None if the mask reaches further
+        if out is None:
+            out = attend(q, k, v, mask)  # (B, H, T, Dh)
         return self.wo(out.transpose(1, 2).reshape(B, T, D))
 
 
@@ -149,12 +284,14 @@ def swiglu_hidden_dim(dim: int, multiple_of: int = 256) -> int:
 class TransformerBlock(nn.Module):
     """Pre-norm block: x + attention(norm(x)), then x + feed_forward(norm(x)).
 
-    dropout (on each residual branch, training only) is 0 in the released models; small corpora need it."""
+    dropout (on each residual branch, training only) is 0 in the released models; small corpora need it.
+    window: the sliding window of the masks this block gets, if any (see Attention)."""
 
-    def __init__(self, dim: int, n_heads: int, hidden_dim: int, eps: float = 1e-5, dropout: float = 0.0):
+    def __init__(self, dim: int, n_heads: int, hidden_dim: int, eps: float = 1e-5, dropout: float = 0.0,
+                 window: int | None = None):
         super().__init__()
         self.attention_norm = RMSNorm(dim, eps)
-        self.attention = Attention(dim, n_heads)
+        self.attention = Attention(dim, n_heads, window)
         self.ffn_norm = RMSNorm(dim, eps)
         self.feed_forward = FeedForward(dim, hidden_dim)
         self.dropout = nn.Dropout(dropout)
@@ -182,13 +319,29 @@ class CrossAttention(nn.Module):
         self.wv = nn.Linear(dim, dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, queries: torch.Tensor, keys_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """queries: (B, T, D), keys_values: (B, S, D), mask: (B, 1, T, S) bool -> (B, T, D)."""
+    def forward(self, queries: torch.Tensor, keys_values: torch.Tensor, mask: torch.Tensor,
+                keys_per_query: int | None = None, queries_per_key: int | None = None) -> torch.Tensor:
+        """queries: (B, T, D), keys_values: (B, S, D), mask: (B or 1, 1, T, S) bool -> (B, T, D).
+
+        By default dense masked attention (`attend`, the reference). keys_per_query=n promises that every
+        mask row allows at most n keys (the decoder: a byte reads the k slots of one patch),
+        queries_per_key=n that every mask column allows at most n queries (the encoder: a byte is read by
+        the k queries of its patch). Then only the allowed pairs are scored, with the same result; a mask
+        that breaks the promise gets the dense path.
+        """
         B, T, D = queries.shape
-        S = keys_values.shape[1]
-        q = self.wq(self.query_norm(queries)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        S, H, Dh = keys_values.shape[1], self.n_heads, self.head_dim
+        q = self.wq(self.query_norm(queries)).view(B, T, H, Dh)
         kv = self.kv_norm(keys_values)
-        k = self.wk(kv).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(kv).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        out = attend(q, k, v, mask)  # (B, H, T, Dh)
-        return self.wo(out.transpose(1, 2).reshape(B, T, D)) + queries
+        k, v = self.wk(kv).view(B, S, H, Dh), self.wv(kv).view(B, S, H, Dh)
+        mask = mask.expand(B, 1, T, S)[:, 0]  # (B, T, S)
+        few = None  # (index, allowed), each (B, T, n) for keys_per_query, (B, S, n) for queries_per_key
+        if keys_per_query is not None:
+            few = few_allowed(mask, keys_per_query)  # each query's keys
+            out = attend_few_keys(q, k, v, *few) if few else None
+        elif queries_per_key is not None:
+            few = few_allowed(mask.transpose(1, 2), queries_per_key)  # each key's queries
+            out = attend_few_queries(q, k, v, *few) if few else None
+        if few is None:  # dense: every (query, key) pair scored, the forbidden ones masked
+            out = attend(*(x.transpose(1, 2) for x in (q, k, v)), mask[:, None]).transpose(1, 2)  # (B, T, H, Dh)
+        return self.wo(out.reshape(B, T, D)) + queries
