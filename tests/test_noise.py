@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from noise import NOISES, RATE, add_noise
+from tools.noise import NOISES, RATE, add_noise
 
 TEXT = ("To be, or not to be, that is the Question:\nWhether 'tis Nobler in the mind to suffer\n" * 400).encode()
 UTF8 = "caf\u00e9 na\u00efve \u2603 \u00c9t\u00e9 ".encode() * 50

@@ -19,7 +19,7 @@ paper's accounting (section 4.5; blt.flops_per_byte, tokens.token_flops_per_byte
    (and deeper) global model. Each model, and the BPE model, is trained at three budgets of bytes seen; the
    figure plots val bits per byte against training FLOPs (log x), one line per model.
 3. Robustness to noise (paper section 6). Every model of part 1 at the largest budget is evaluated on noised
-   copies of the same validation bytes (noise.py: case flips, drops, repeats, neighbour swaps, ALL CAPS; fixed
+   copies of the same validation bytes (tools/noise.py: case flips, drops, repeats, neighbour swaps, ALL CAPS; fixed
    seed, --noise-rate). The tokenizer stays the one trained on clean text.
 
 Outputs: OUT/results.md and OUT/results.json (tables, design, every number), the tables also between the
@@ -50,7 +50,7 @@ from checkpoint import load_checkpoint, read_checkpoint  # noqa: E402
 from data import DataError, get_batch, load_corpus  # noqa: E402
 from entropy_model import ByteLMConfig  # noqa: E402
 from evaluation import evaluate  # noqa: E402
-from noise import NOISES, RATE, add_noise  # noqa: E402
+from tools.noise import NOISES, RATE, add_noise  # noqa: E402
 from patching import average_patch_size, patch_lengths  # noqa: E402
 from plots import plot_patches_vs_tokens  # noqa: E402
 from tokens import TokenLMConfig, prepare_tokens, token_flops_per_byte  # noqa: E402
@@ -309,7 +309,7 @@ def report(plan: dict, runs: dict, noise: dict, s: dict, seeds: list[int], patch
 
     # part 3: noise
     noise_names = list(NOISES)
-    lines += ["", f"**Robustness**: val BPB on noised copies of the same validation bytes (noise.py, rate "
+    lines += ["", f"**Robustness**: val BPB on noised copies of the same validation bytes (tools/noise.py, rate "
               f"{args.noise_rate:g}, seed 0; {last} steps, seed {seeds[0]}); in brackets the increase over clean.", "",
               "| model | clean | " + " | ".join(noise_names) + " |", "|---|---|" + "---|" * len(noise_names)]
     units = ["", "Bytes per token or patch under noise (inference FLOPs per byte scale with their inverse for "
@@ -364,7 +364,7 @@ def main(argv=None):
     p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary (default 4096)")
     p.add_argument("--patch-sizes", type=float, nargs="+", default=[4, 6, 8], help="entropy BLT patch sizes")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the largest budget's runs")
-    p.add_argument("--noise-rate", type=float, default=RATE, help="noise.py rate")
+    p.add_argument("--noise-rate", type=float, default=RATE, help="tools/noise.py rate")
     p.add_argument("--out", default="out/patches_vs_tokens", help="folder for the runs and tables")
     p.add_argument("--figures", default="figures", help="folder for patches_vs_tokens.png")
     p.add_argument("--docs", default=str(ROOT / "docs" / "patches_vs_tokens.md"),
