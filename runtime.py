@@ -6,6 +6,7 @@
                   the metrics log, checkpoints, the progress bar and the curves
     report        the one line on stderr, and the exit code, for whatever ended the command
     autocast, to_device   the compute dtype and host-to-device copies
+    compiled_graphs       how many graphs torch.compile has compiled (a recompile adds one)
 
 Each of these is one line inside the loop. Nothing here changes what is computed: a run with the same flags
 takes the same steps on the same batches whether it ran in one piece, was stopped by Ctrl-C and resumed, or
@@ -136,6 +137,12 @@ def autocast(device: torch.device, dtype: str):
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled so far in this process, whatever the backend: a recompile adds one."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -131,16 +131,20 @@ class Task:
         self.kind, self.model, self.config, self.tc, self.device = kind, model.to(device), config, tc, device
         self.compile_model, self.forward, self.tokens = compile_model, self.model, tokens
 
-    def prepare(self):
+    def prepare(self, backend: str = "inductor"):
         """After the weights are loaded: wrap for DDP (several processes), then compile."""
         wrapped = DIST.wrap(self.model)
-        self.forward = torch.compile(wrapped) if self.compile_model else wrapped
+        self.forward = torch.compile(wrapped, backend=backend) if self.compile_model else wrapped
 
     def patch(self, x: torch.Tensor) -> torch.Tensor:
-        """BLT's patch lengths (B, P) from the frozen fp32 entropy model, outside autocast. Compiled, they are
-        right-padded with empty (invisible) patches to a multiple of 16 so the model sees a few shapes."""
+        """BLT's patch lengths (B, P) from the frozen fp32 entropy model, outside autocast. Compiled, P changes
+        from batch to batch, so it is one dynamic dimension: one graph serves every P (no recompiles). Rows are
+        right-padded with empty (invisible) patches to a multiple of 16: P - 1 is never 1, a size torch specializes."""
         lengths = self.model.patch(x)
-        return F.pad(lengths, (0, -lengths.shape[1] % 16)) if self.compile_model else lengths
+        if self.compile_model:
+            lengths = F.pad(lengths, (0, -lengths.shape[1] % 16))
+            torch._dynamo.mark_dynamic(lengths, 1)
+        return lengths
 
     def batch(self, train, step: int) -> tuple[torch.Tensor, torch.Tensor]:  # this process's rows, (B, T) each
         tc, rows = self.tc, DIST.rows(self.tc.batch_size)
