@@ -58,9 +58,10 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) 
 
 
 def measure(preset_name: str, model_kind: str, dtype: str, steps: int, compiled: bool | None = None,
-            device: str | None = None) -> dict:
-    """Time `steps` training steps of one model of one preset (in this process). compiled: torch.compile the
-    model (default: as the preset does, on CUDA only); device: default cuda for the gpu preset, else cpu."""
+            device: str | None = None, backend: str = "inductor", max_seconds: float | None = None) -> dict:
+    """Time `steps` training steps of one model of one preset (in this process), or fewer if they take over
+    max_seconds. compiled: torch.compile the model with `backend` (default: as the preset does, on CUDA only);
+    device: default cuda for the gpu preset, else cpu."""
     import train
     from blt import BLT
     from data import get_batch
@@ -89,11 +90,23 @@ def measure(preset_name: str, model_kind: str, dtype: str, steps: int, compiled:
         config.entropy_threshold = calibrate_threshold(model.entropy_model.entropies(x.to(device)).cpu(), config.patch_size)
     compiled = preset["compile"] and device.type == "cuda" if compiled is None else compiled
     task = train.Task(kind, model, config, tc, device, compile_model=compiled)
-    task.prepare()
+    task.prepare(backend)
     optimizer = train.make_optimizer(model, tc, device)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     times, patch_sizes, patch_counts = [], [], set()
+    patch = task.patch
+
+    def recorded_patch(x):  # the patch counts the model sees (padded when compiled), and the first batch's patch size
+        lengths = patch(x)
+        patch_counts.add(lengths.shape[1])
+        if not patch_sizes:
+            patch_sizes.append(float(lengths.sum()) / float((lengths > 0).sum()))
+        return lengths
+    task.patch = recorded_patch
+    graphs_before = compiled_graphs()
     for i in range(steps + 2):  # the first two steps warm up (allocations, compilation)
+        if i >= 3 and max_seconds is not None and sum(times) > max_seconds:
+            break
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -105,14 +118,9 @@ def measure(preset_name: str, model_kind: str, dtype: str, steps: int, compiled:
         optimizer.step()
         loss.item()
         if i == 0:
-            first_step = time.perf_counter() - t0  # with compile, mostly compilation
+            first_step, graphs_first_step = time.perf_counter() - t0, compiled_graphs() - graphs_before
         if i >= 2:
             times.append(time.perf_counter() - t0)
-        if kind == "blt":
-            lengths = task.patch(x.to(device))
-            patch_counts.add(lengths.shape[1])
-            if i == 0:
-                patch_sizes.append(float(lengths.sum()) / float((lengths > 0).sum()))
     step_time = float(np.median(times))
     bytes_per_s = tc.batch_size * tc.seq_len / step_time
     if kind == "blt":
@@ -130,7 +138,8 @@ def measure(preset_name: str, model_kind: str, dtype: str, steps: int, compiled:
             "flops_per_s": flops * bytes_per_s, "mflop_per_byte": flops / 1e6,
             "step_s": step_time, "peak_memory": peak_memory, "threads": torch.get_num_threads(),
             "batch": f"{tc.batch_size}x{tc.seq_len}", "patch_size": patch_sizes[0] if patch_sizes else None,
-            "compiled": compiled, "graphs": compiled_graphs() if compiled else 0, "first_step_s": first_step,
+            "compiled": compiled, "first_step_s": first_step, "timed_steps": len(times),
+            "graphs": compiled_graphs() - graphs_before, "graphs_first_step": graphs_first_step,
             "patch_counts": sorted(patch_counts)}
 
 
@@ -190,7 +199,8 @@ def main(argv=None):
         if compiled and eager:
             print(f"torch.compile, blt bf16: {compiled['step_s']:.3f} s/step compiled, {eager['step_s']:.3f} eager: "
                   f"{eager['step_s'] / compiled['step_s']:.2f}x; first step (compiling) {compiled['first_step_s']:.0f} s; "
-                  f"{compiled['graphs']} graph(s) for patch counts {compiled['patch_counts']}")
+                  f"{compiled['graphs']} graph(s) for patch counts {compiled['patch_counts']}, "
+                  f"{compiled['graphs'] - compiled['graphs_first_step']} recompiles")
 
 
 if __name__ == "__main__":
