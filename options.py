@@ -80,8 +80,9 @@ def parse_args(argv, presets) -> argparse.Namespace:
                    help="a local file (last 10%% is validation), a directory, or a corpus name: shakespeare "
                         "(default), tinyshakespeare, enwik8")
     p.add_argument("--preset", choices=presets, default=None,
-                   help="cpu, gpu, or smoke (every stage in under a minute, for trying flags) (default: gpu if "
-                        "CUDA is available)")
+                   help="cpu, gpu, small (a small corpus under --time-budget), or smoke (every stage in under a "
+                        "minute, for trying flags) (default: gpu if CUDA is available; else small for BLT under "
+                        "--time-budget on a small training split, as train.py's defaults say; else cpu)")
     p.add_argument("--stage", choices=("all", "entropy", "calibrate", "blt"), default="all",
                    help="run one stage alone (each reads what the previous one wrote into --out)")
     p.add_argument("--model", choices=("blt", "byte", "bpe"), default="blt",

@@ -5,7 +5,10 @@
     Run           one training stage's bookkeeping: resume, the clock (steps or a time budget), stop signals,
                   the metrics log, checkpoints, the progress bar and the curves
     report        the one line on stderr, and the exit code, for whatever ended the command
+    start_or_resume   whether a stage starts fresh, continues its checkpoint, or refuses to touch it
+    finished_entropy_model   stage 1's checkpoint, for stages 2 and 3
     autocast, to_device   the compute dtype and host-to-device copies
+    compiled_graphs       how many graphs torch.compile has compiled (a recompile adds one)
 
 Each of these is one line inside the loop. Nothing here changes what is computed: a run with the same flags
 takes the same steps on the same batches whether it ran in one piece, was stopped by Ctrl-C and resumed, or
@@ -19,13 +22,14 @@ import sys
 import threading
 import time
 from contextlib import nullcontext, suppress
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from checkpoint import (FORMAT, CheckpointError, StorageError, atomic_save, atomic_write_text, os_reason, restore,
-                        rng_state)
+from checkpoint import (FORMAT, CheckpointError, StorageError, atomic_save, atomic_write_text, config_difference,
+                        os_reason, read_training_checkpoint, restore, rng_state)
 from data import DataError
 from plots import plot_curves
 
@@ -138,6 +142,12 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled so far in this process, whatever the backend: a recompile adds one."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The whole command: stop signals, and one line on stderr for whatever ends it
 # ---------------------------------------------------------------------------------------------------------
@@ -204,6 +214,41 @@ def report(e: BaseException) -> int:
     if DIST.main or message.startswith("error"):
         print(message, file=sys.stderr)
     return code
+
+
+def start_or_resume(ckpt_path: Path, saved: dict, steps: int, budget, opts) -> dict | None:
+    """None to start fresh; the checkpoint to continue (or to skip, if done). Refuses to overwrite a
+    checkpoint without --resume or --overwrite, and refuses one written with another config, tokenizer or
+    step count."""
+    if not ckpt_path.exists() or opts.overwrite:
+        return None
+    if not opts.resume:
+        raise UsageError(f"{ckpt_path} already exists: pass --resume to continue it, --overwrite to start over, "
+                         f"or --out DIR to write elsewhere")
+    ckpt = read_training_checkpoint(ckpt_path)
+    if ckpt["kind"] != saved["kind"]:
+        raise CheckpointError(f"{ckpt_path} holds a {ckpt['kind']} model, not a {saved['kind']} model")
+    diff = next(filter(None, (config_difference(ckpt.get(k, {}), saved[k]) for k in ("config", "train", "tokens")
+                              if k in saved)), None)  # "tokens" holds the tokenizer's digest, not its JSON
+    if not diff and budget is None and ckpt["time_budget"] is None and ckpt["steps"] != steps:
+        diff = f"steps: {ckpt['steps']} in the checkpoint, {steps} now"
+    if diff:
+        raise CheckpointError(f"{ckpt_path} was written with another config ({diff}); rerun with the same "
+                              f"flags, or drop --resume and use --out DIR")
+    return ckpt
+
+
+
+def finished_entropy_model(out: Path, entropy_cfg) -> dict:
+    """The finished entropy model in OUT/entropy.pt, checked against this run's ByteLMConfig (stages 2 and 3)."""
+    ckpt = read_training_checkpoint(out / "entropy.pt")
+    diff = config_difference(ckpt["config"], asdict(entropy_cfg))
+    if ckpt["kind"] != "entropy" or diff:
+        raise CheckpointError(f"{out / 'entropy.pt'} does not match this config's entropy model ({diff}); "
+                              f"retrain it with --stage entropy --overwrite")
+    if not ckpt.get("done"):
+        raise UsageError(f"the entropy model in {out / 'entropy.pt'} is not finished: continue it with --resume")
+    return ckpt
 
 
 def draw_curves(jsonl_paths: list[Path], png: Path, title: str):

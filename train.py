@@ -7,7 +7,7 @@
     python train.py --patching space         # BLT baselines: strided | space | entropy | monotonic
     python train.py --model byte             # a plain byte-level transformer               -> OUT/byte.pt
     python train.py --model bpe              # a BPE-token transformer (tokens.py)           -> OUT/bpe.pt
-    python train.py --data tinyshakespeare --time-budget 300
+    python train.py --data tinyshakespeare --time-budget 300   # a small corpus under a budget: the small preset
     python train.py --preset smoke           # every stage in under a minute on 2 cores, for trying flags
     torchrun --standalone --nproc_per_node=N train.py ...   # N processes share each global batch (DDP)
 
@@ -43,18 +43,18 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from blt import BLT, BLTConfig, count_parameters, cpu_tiny, one_gpu  # noqa: E402
-from checkpoint import (CheckpointError, atomic_write_text, config_difference, load_weights, output_folder,  # noqa: E402
-                        read_calibration, read_training_checkpoint)
+from checkpoint import atomic_write_text, load_weights, output_folder, read_calibration  # noqa: E402
 from data import get_batch, load_corpus  # noqa: E402
 from evaluation import evaluate  # noqa: E402
 from entropy_model import ByteLMConfig  # noqa: E402
 from patching import average_patch_size, calibrate_threshold, patch_lengths  # noqa: E402
 from tokens import TokenLMConfig, get_token_batch, prepare_tokens  # noqa: E402
 from options import check_batches, check_stop_at, model_configs, parse_args, pick_device  # noqa: E402
-from runtime import DIST, STOP, Run, UsageError, autocast, draw_curves, report, to_device  # noqa: E402
+from runtime import (DIST, STOP, Run, UsageError, autocast, draw_curves, finished_entropy_model, report,  # noqa: E402
+                     start_or_resume, to_device)
 
 # ---------------------------------------------------------------------------------------------------------
-# Defaults, in one place: the cpu preset; the gpu preset lists what it changes. Flags override single values.
+# Defaults, in one place: the cpu preset; the others list what they change. Flags override single values.
 # ---------------------------------------------------------------------------------------------------------
 CPU = dict(
     blt=cpu_tiny(),  # ~3M parameters outside the hash tables
@@ -82,7 +82,14 @@ PRESETS = {
         entropy_train=dict(seq_len=64, batch_size=8, lr=3e-3, warmup_steps=5),
         train=dict(seq_len=64, batch_size=8, lr=3e-3, warmup_steps=5), entropy_steps=20, steps=20,
         eval_interval=10, eval_bytes=2048, final_eval_bytes=8192, log_interval=5, calibration_windows=32)},
+    "small": {**CPU, **dict(  # a small corpus under a time budget: the best 300 s settings on tiny Shakespeare
+        blt=cpu_tiny(patching="space", hash_ngram_sizes=(3, 4, 5)),  # no entropy model to train; fewer hashes
+        train=dict(seq_len=128, batch_size=16, lr=3e-3, warmup_steps=30, weight_decay=0.5),  # wd: hashes memorise
+        steps=900, eval_interval=100000)},  # ~300 s on 2 cores; no periodic evaluation: every second trains
 }
+# The default preset: gpu with CUDA, else cpu; but BLT under --time-budget on a training split under 16 MB
+# gets the small preset (docs/training.md, "Five minutes on tiny Shakespeare"). --preset cpu keeps cpu.
+SMALL_CORPUS_BYTES = 16 << 20
 
 
 @dataclass
@@ -131,16 +138,20 @@ class Task:
         self.kind, self.model, self.config, self.tc, self.device = kind, model.to(device), config, tc, device
         self.compile_model, self.forward, self.tokens = compile_model, self.model, tokens
 
-    def prepare(self):
+    def prepare(self, backend: str = "inductor"):
         """After the weights are loaded: wrap for DDP (several processes), then compile."""
         wrapped = DIST.wrap(self.model)
-        self.forward = torch.compile(wrapped) if self.compile_model else wrapped
+        self.forward = torch.compile(wrapped, backend=backend) if self.compile_model else wrapped
 
     def patch(self, x: torch.Tensor) -> torch.Tensor:
-        """BLT's patch lengths (B, P) from the frozen fp32 entropy model, outside autocast. Compiled, they are
-        right-padded with empty (invisible) patches to a multiple of 16 so the model sees a few shapes."""
+        """BLT's patch lengths (B, P) from the frozen fp32 entropy model, outside autocast. Compiled, P changes
+        from batch to batch, so it is one dynamic dimension: one graph serves every P (no recompiles). Rows are
+        right-padded with empty (invisible) patches to a multiple of 16: P - 1 is never 1, a size torch specializes."""
         lengths = self.model.patch(x)
-        return F.pad(lengths, (0, -lengths.shape[1] % 16)) if self.compile_model else lengths
+        if self.compile_model:
+            lengths = F.pad(lengths, (0, -lengths.shape[1] % 16))
+            torch._dynamo.mark_dynamic(lengths, 1)
+        return lengths
 
     def batch(self, train, step: int) -> tuple[torch.Tensor, torch.Tensor]:  # this process's rows, (B, T) each
         tc, rows = self.tc, DIST.rows(self.tc.batch_size)
@@ -237,39 +248,6 @@ def train_model(kind: str, name: str, config, make_model, tc: TrainConfig, steps
     return m
 
 
-def start_or_resume(ckpt_path: Path, saved: dict, steps: int, budget, opts) -> dict | None:
-    """None to start fresh; the checkpoint to continue (or to skip, if done). Refuses to overwrite a
-    checkpoint without --resume or --overwrite, and refuses one written with another config, tokenizer or
-    step count."""
-    if not ckpt_path.exists() or opts.overwrite:
-        return None
-    if not opts.resume:
-        raise UsageError(f"{ckpt_path} already exists: pass --resume to continue it, --overwrite to start over, "
-                         f"or --out DIR to write elsewhere")
-    ckpt = read_training_checkpoint(ckpt_path)
-    if ckpt["kind"] != saved["kind"]:
-        raise CheckpointError(f"{ckpt_path} holds a {ckpt['kind']} model, not a {saved['kind']} model")
-    diff = next(filter(None, (config_difference(ckpt.get(k, {}), saved[k]) for k in ("config", "train", "tokens")
-                              if k in saved)), None)  # "tokens" holds the tokenizer's digest, not its JSON
-    if not diff and budget is None and ckpt["time_budget"] is None and ckpt["steps"] != steps:
-        diff = f"steps: {ckpt['steps']} in the checkpoint, {steps} now"
-    if diff:
-        raise CheckpointError(f"{ckpt_path} was written with another config ({diff}); rerun with the same "
-                              f"flags, or drop --resume and use --out DIR")
-    return ckpt
-
-
-def finished_entropy_model(out: Path, entropy_cfg: ByteLMConfig) -> dict:
-    ckpt = read_training_checkpoint(out / "entropy.pt")
-    diff = config_difference(ckpt["config"], asdict(entropy_cfg))
-    if ckpt["kind"] != "entropy" or diff:
-        raise CheckpointError(f"{out / 'entropy.pt'} does not match this config's entropy model ({diff}); "
-                              f"retrain it with --stage entropy --overwrite")
-    if not ckpt.get("done"):
-        raise UsageError(f"the entropy model in {out / 'entropy.pt'} is not finished: continue it with --resume")
-    return ckpt
-
-
 def calibrate(entropy_cfg: ByteLMConfig, blt_cfg: BLTConfig, tc: TrainConfig, corpus, out: Path, opts) -> float:
     """Stage 2: entropies of the frozen entropy model on fixed windows of the TRAIN split -> threshold."""
     ckpt = finished_entropy_model(out, entropy_cfg)
@@ -359,16 +337,10 @@ def main(argv=None) -> int:
     return 0
 
 
-def run(args):
-    t_start = time.time()
-    device = pick_device(args.device, DIST)
-    preset_name = args.preset or ("gpu" if device.type == "cuda" else "cpu")
+def settings(args, preset_name: str, device: torch.device):
+    """The preset's values, then the flags: model and training configs, options, the stages to run. Every
+    check of the flags against each other is made here, before anything is read or written."""
     preset = PRESETS[preset_name]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
     blt_cfg, baseline_cfg = model_configs(args, preset, preset_name)  # the preset, then --config and flags
     pick = lambda flag, key: preset[key] if flag is None else flag  # noqa: E731  (a flag, else the preset's value)
     flags = dict(seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
@@ -398,6 +370,24 @@ def run(args):
                   args.micro_batch_size, DIST.world)
     check_stop_at(args.stop_at, [] if args.time_budget else [opts.steps] * bool({"blt", "byte", "bpe"} & set(stages))
                   + [opts.entropy_steps] * ("entropy" in stages))
+    return preset, blt_cfg, baseline_cfg, tc, entropy_tc, opts, stages
+
+
+def small_by_default(args, preset_name: str, train_bytes: int) -> bool:
+    """The rule of the defaults block: a BLT run on CPU under --time-budget, no --preset, a small training split."""
+    return (args.preset is None and preset_name == "cpu" and args.time_budget is not None and args.model == "blt"
+            and train_bytes < SMALL_CORPUS_BYTES)
+
+
+def run(args):
+    t_start = time.time()
+    device = pick_device(args.device, DIST)
+    preset_name = args.preset or ("gpu" if device.type == "cuda" else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    preset, blt_cfg, baseline_cfg, tc, entropy_tc, opts, stages = settings(args, preset_name, device)
     DIST.start(device)
 
     if not DIST.main:
@@ -405,9 +395,14 @@ def run(args):
     corpus = load_corpus(args.data, min_bytes=max(tc.seq_len, entropy_tc.seq_len))
     if DIST.main:
         DIST.barrier()
+    why = ""
+    if small_by_default(args, preset_name, len(corpus.train)):  # windows no longer than cpu's: the check holds
+        preset_name, why = "small", (f" (the default under --time-budget for a training split under "
+                                     f"{SMALL_CORPUS_BYTES >> 20} MB; --preset cpu for the cpu defaults)")
+        preset, blt_cfg, baseline_cfg, tc, entropy_tc, opts, stages = settings(args, preset_name, device)
     name = Path(args.data).stem if os.sep in args.data or Path(args.data).exists() else args.data
     out = output_folder(Path(args.out or Path("out") / f"{name}-{preset_name}"))
-    DIST.say(f"{corpus.describe()} | preset {preset_name} | device {device} | {torch.get_num_threads()} threads"
+    DIST.say(f"{corpus.describe()} | preset {preset_name}{why} | device {device} | {torch.get_num_threads()} threads"
              + (f" x {DIST.world} processes" if DIST.enabled else "") + f" | out {out}")
     budget_left = lambda: None if args.time_budget is None else args.time_budget - (time.time() - t_start)  # noqa: E731
     run_stages(args, opts, corpus, out, blt_cfg, baseline_cfg, tc, entropy_tc, stages, preset, budget_left)

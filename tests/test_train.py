@@ -176,3 +176,45 @@ def test_checkpoint_conflicts_leave_files_intact(corpus_file, tmp_path):
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest
     ckpt.write_bytes(ckpt.read_bytes()[:1000])  # truncated, as by a crash outside our atomic writes
     assert_one_line_error(run_cli(*args, "--resume"), "not a readable checkpoint")
+
+
+# ---- the default preset: small for BLT under a time budget on a small corpus ----
+
+BEST_300S = ["--patching", "space", "--config", "hash_ngram_sizes=[3,4,5]", "--seq-len", "128", "--batch-size", "16",
+             "--warmup-steps", "30", "--lr", "3e-3", "--weight-decay", "0.5", "--eval-interval", "100000"]
+
+
+def resolved(argv: list[str], preset: str) -> tuple:
+    _, blt_cfg, _, tc, entropy_tc, opts, stages = train.settings(train.parse_args(argv, train.PRESETS), preset,
+                                                                  torch.device("cpu"))
+    return blt_cfg, tc, entropy_tc, {k: v for k, v in vars(opts).items() if k != "steps"}, stages
+
+
+def test_small_preset_is_the_default_for_a_time_budget_on_a_small_corpus():
+    small = train.SMALL_CORPUS_BYTES - 1
+    chosen = lambda *flags, size=small, preset="cpu": train.small_by_default(  # noqa: E731
+        train.parse_args(["--data", "tinyshakespeare", *flags], train.PRESETS), preset, size)
+    assert chosen("--time-budget", "300")
+    assert chosen("--time-budget", "300", "--lr", "1e-3", "--patching", "entropy")  # flags change values, not the preset
+    assert not chosen()  # a step count: the cpu preset
+    assert not chosen("--time-budget", "300", size=train.SMALL_CORPUS_BYTES)  # a large corpus
+    assert not chosen("--time-budget", "300", "--preset", "cpu")
+    assert not chosen("--time-budget", "300", "--model", "byte")  # the settings were found for BLT
+    assert not chosen("--time-budget", "300", preset="gpu")  # CUDA
+
+
+def test_small_preset_holds_the_best_300s_command_and_flags_override():
+    budget = ["--data", "tinyshakespeare", "--time-budget", "300"]
+    assert resolved(budget, "small") == resolved([*budget, *BEST_300S], "cpu")  # the preset is that command
+    blt_cfg, tc, _, opts, stages = resolved([*budget, "--lr", "1e-3", "--patching", "entropy", "--eval-interval", "50"],
+                                            "small")
+    assert (tc.lr, tc.seq_len, tc.weight_decay, blt_cfg.patching, blt_cfg.hash_ngram_sizes) == (1e-3, 128, 0.5, "entropy", (3, 4, 5))
+    assert opts["eval_interval"] == 50 and stages == ["entropy", "calibrate", "blt"]
+
+
+def test_time_budget_on_a_small_corpus_says_it_uses_the_small_preset(corpus_file, tmp_path, capsys):
+    assert train.main(["--data", str(corpus_file), "--time-budget", "600", "--stop-at", "1", "--out", str(tmp_path)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "preset small (the default under --time-budget" in first and "--preset cpu" in first
+    saved = load_checkpoint_dict(tmp_path / "blt_space.pt")
+    assert saved["step"] == 1 and saved["train"]["seq_len"] == 128 and tuple(saved["config"]["hash_ngram_sizes"]) == (3, 4, 5)
