@@ -11,13 +11,21 @@ incremental generator below does exactly that, one new byte at a time:
   4. local decoder, one cached step: byte t reads the most recent global output. That is the one-patch
      shift of decoder.py: the latest complete patch is j-1 inside patch j, and j itself once j closes.
 
+The transformers take their steps through incremental.py (preallocated caches, fused projections), the
+decoder's cross-attention reads one patch's slots through incremental.PatchReader, and a row's patch decision
+looks only at the tail of its history that patching.py's rules can see; the hash n-grams, entropies, patch
+rules and pooling are the training code's own functions. A byte-level model (train.py --model byte) generates
+the same way, one cached step per byte, for comparison (tools/bench_sample.py).
+
 `--naive` recomputes the entropy model and the whole BLT on the full prefix for every byte, as Meta's released
 generator does; it is the reference the incremental generator is tested against.
 
     python sample.py --checkpoint out/shakespeare-cpu/blt_entropy.pt --prompt "ROMEO:" --max-bytes 300 --show-patches
+    python sample.py --checkpoint out/shakespeare-cpu/byte.pt --prompt "ROMEO:"
 """
 import argparse
 import codecs
+import functools
 import os
 import signal
 import sys
@@ -25,12 +33,13 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from blt import BLT
 from checkpoint import CheckpointError, StorageError, load_checkpoint, os_reason
-from entropy_model import entropy_from_logits
-from layers import KVCache
-from patching import EOS_ID, OFFSET, detokenize, patch_starts, tokenize
+from entropy_model import EntropyModel, entropy_from_logits
+from incremental import CachedByteLM, CachedStack, Head, NewestByteEmbedding, PatchReader, transposed
+from patching import EOS_ID, OFFSET, detokenize, limit_patch_length, patch_starts, tokenize
 from options import SEED, THREADS, Parser, int_at_least, nonempty, number
 from plots import plot_entropies
 from runtime import STOP, UsageError
@@ -40,62 +49,139 @@ class IncrementalBLT:
     """Keeps every cache of one BLT for a batch of B rows that advance one byte per step in lockstep.
 
     Local models (entropy, encoder, decoder) are batched. Patch boundaries differ between rows, so each row
-    has its own global-model cache and runs its global step only when its own patch completes.
+    runs its global step only when its own patch completes (on its own rows of the global caches). The
+    transformers run through incremental.py; what decides what BLT computes (hash n-grams, entropies, patch
+    boundaries, pooling) is the training code's own functions.
+    capacity: positions to allocate for at first (buffers double when full).
     """
 
-    def __init__(self, model: BLT, batch_size: int):
+    def __init__(self, model: BLT, batch_size: int, capacity: int = 256):
         self.model, self.cfg, self.B = model, model.cfg, batch_size
+        cfg, B, weight = model.cfg, batch_size, model.decoder.output.weight
         self.t = 0  # next position to process
-        self.entropy_caches = model.entropy_model.new_caches() if model.entropy_model is not None else None
-        self.encoder_caches = [KVCache(model.cfg.local_window) for _ in model.encoder.layers]
-        self.decoder_caches = [KVCache(model.cfg.local_window) for _ in model.decoder.layers]
-        self.global_caches = [[KVCache(None) for _ in model.global_transformer.layers] for _ in range(batch_size)]
-        self.open_patch = [[] for _ in range(batch_size)]  # encoder states (1, D_E) of the patch being built
-        self.last_global = [None] * batch_size  # most recent global output o_j, (1, 1, D_G)
-        self.n_patches = [0] * batch_size
-        self.history = torch.zeros(batch_size, 0, dtype=torch.long)  # ids so far (for hashes and patching)
-        self.starts, self.entropies = [], []  # per position t: does t+1 start a patch (B,); H[t] in nats (B,)
+        em, enc, g, dec = model.entropy_model, model.encoder, model.global_transformer, model.decoder
+        self.entropy_model = CachedByteLM(em, B, capacity) if em is not None else None
+        self.embed = NewestByteEmbedding(enc)
+        self.encoder = CachedStack(enc.layers, enc.rope_theta, cfg.local_window, B, capacity)
+        self.global_projection = transposed(g.input_projection) if g.input_projection is not None else None
+        self.global_model = CachedStack(g.layers, g.rope_theta, None, B, max(16, capacity // 4))
+        self.slots = transposed(dec.patch_projection)  # o_j -> its k slots for the decoder
+        self.readers = [PatchReader(c, cfg.cross_attn_k, B) for c in dec.cross_attn]
+        self.decoder = CachedStack(dec.layers, dec.rope_theta, cfg.local_window, B, capacity)
+        self.head = Head(dec.norm, dec.output)
+        # per position: ids, entropies H[t] (nats), encoder byte states, and whether t starts a patch
+        self.history = torch.zeros(B, capacity, dtype=torch.long, device=weight.device)
+        self.entropy = weight.new_zeros(B, capacity)
+        self.states = weight.new_zeros(B, capacity, cfg.local_dim)
+        self.is_start = torch.zeros(B, capacity + 1, dtype=torch.bool, device=weight.device)
+        self.is_start[:, 0] = True  # BOS
+        self.patch_start = [0] * B  # first position of each row's open patch
+        self.rule_start = [0] * B  # latest start of each row's patching rule (before max_patch_length)
+        self.n_patches = [0] * B
         self.global_steps = 0
 
-    def _next_start(self) -> torch.Tensor:
-        """Does position t+1 start a patch? patching.py's rules on the history so far: they look only at
-        positions <= t, so the last column is final (incremental patching, paper section 2.4)."""
-        cfg = self.cfg
-        entropies = torch.stack(self.entropies, dim=1) if self.entropy_caches is not None else None  # (B, t+1)
-        starts = patch_starts(self.history, cfg.patching, patch_size=int(cfg.patch_size), entropies=entropies,
-                              threshold=cfg.entropy_threshold, max_patch_length=cfg.max_patch_length)
-        return starts[:, -1]  # (B,)
+    @property
+    def starts(self) -> list[torch.Tensor]:
+        """Per position t so far: does t+1 start a patch? (B,) bool each."""
+        return list(self.is_start[:, 1:self.t + 1].T)
 
-    @torch.inference_mode()
+    @property
+    def entropies(self) -> list[torch.Tensor]:
+        """Per position t so far: H[t] in nats, (B,) each (entropy schemes)."""
+        return list(self.entropy[:, :self.t].T)
+
+    def _make_room(self):
+        """Double the per-position buffers when position t does not fit."""
+        if self.t + 1 < self.history.shape[1]:
+            return
+        double = lambda x: torch.cat([x, torch.zeros_like(x)], dim=1)  # noqa: E731
+        self.history, self.entropy, self.states, self.is_start = (
+            double(self.history), double(self.entropy), double(self.states), double(self.is_start))
+
+    def _next_start(self) -> torch.Tensor:
+        """Does position t+1 start a patch? (B,) bool. patching.py's rules (incremental: paper section 2.4) on
+        the shortest tail of the history that decides it. A rule looks back at most two positions, strided
+        starts line up with any rule start, and max_patch_length counts from the latest rule start: so the
+        tail begins one position before the earliest of the rows' latest rule starts. (patch_starts forces
+        starts at a tail's first two positions; a row whose own rule start is later overrides them.)"""
+        cfg, t = self.cfg, self.t
+        first = max(0, min(self.rule_start) - 1)
+        entropies = self.entropy[:, first:t + 1] if self.entropy_model is not None else None
+        rule = patch_starts(self.history[:, first:t + 1], cfg.patching, patch_size=int(cfg.patch_size),
+                            entropies=entropies, threshold=cfg.entropy_threshold)  # (B, t + 2 - first)
+        for b in rule[:, -1].nonzero()[:, 0].tolist():
+            self.rule_start[b] = t + 1
+        if cfg.max_patch_length is None:
+            return rule[:, -1]
+        return limit_patch_length(rule, cfg.max_patch_length)[:, -1]  # as patch_starts(max_patch_length=...)
+
+    def _global_step(self, rows: list[int]):
+        """The open patches of `rows` (row b's: positions patch_start[b]..t) are complete: pool them, run one
+        global step for each row (together), and give the decoder's cross-attention the new outputs' slots,
+        which each row reads until its next patch completes."""
+        t, starts = self.t, [self.patch_start[b] for b in rows]
+        first = min(starts)
+        states = self.states[rows, first:t + 1]  # (R, n, D_E): the longest of the patches, and what precedes the others
+        before = torch.arange(first, t + 1) < torch.tensor(starts)[:, None]  # (R, n): not in the row's patch
+        n_pooled = 2 if max(starts) > first else 1  # bytes before a row's patch go to a second, unused patch
+        patches = self.model.encoder.pool(states, before.long(), n_pooled)[:, 0]  # (R, k * D_E)
+        x = patches @ self.global_projection if self.global_projection is not None else patches
+        out = self.global_model.step_rows(x, rows, [self.n_patches[b] for b in rows])  # o_j per row (R, D_G)
+        slots = (out @ self.slots).view(len(rows), self.cfg.cross_attn_k, -1)  # (R, k, D)
+        for j, b in enumerate(rows):
+            for reader in self.readers:
+                reader.set(b, slots[j])
+            self.n_patches[b] += 1
+            self.patch_start[b] = t + 1
+        self.global_steps += len(rows)
+
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """token: (B,) id at position t. Returns next-byte logits (B, V) for position t+1."""
-        model, t = self.model, self.t
-        pos = torch.tensor([t])
-        self.history = torch.cat([self.history, token[:, None]], dim=1)
-        if self.entropy_caches is not None:  # 1. entropy model
-            logits_e = model.entropy_model(token[:, None], caches=self.entropy_caches, start_pos=t)
-            self.entropies.append(entropy_from_logits(logits_e[:, -1]))  # (B,)
+        if not torch.is_inference_mode_enabled():
+            with torch.inference_mode():
+                return self.step(token)
+        t = self.t
+        self._make_room()
+        self.history[:, t] = token
+        if self.entropy_model is not None:  # 1. entropy model
+            self.entropy[:, t] = entropy_from_logits(self.entropy_model.step(token, t))
         start_next = self._next_start()
-        self.starts.append(start_next)
+        self.is_start[:, t + 1] = start_next
         # 2. encoder: the hash n-grams need only the last max(n) ids
-        window = self.history[:, -max(self.cfg.hash_ngram_sizes, default=1):]
-        e = model.encoder.embed(window)[:, -1:]  # (B, 1, D_E)
-        h = model.encoder.byte_layers(e, pos, self.encoder_caches)  # (B, 1, D_E)
+        window = self.history[:, max(0, t + 1 - self.embed.N):t + 1]
+        if window.shape[1] < self.embed.N:  # the first bytes: n-grams reach back before BOS, as zeros
+            window = F.pad(window, (self.embed.N - window.shape[1], 0))
+        h = self.encoder.step(self.embed(window), t)  # (B, D_E)
+        self.states[:, t] = h
         # 3. global model, only for rows whose patch just closed
-        for b in range(self.B):
-            self.open_patch[b].append(h[b])
-            if start_next[b]:
-                states = torch.cat(self.open_patch[b])[None]  # (1, n, D_E): the complete patch
-                patch = model.encoder.pool(states, torch.zeros(1, states.shape[1], dtype=torch.long), 1)
-                self.last_global[b] = model.global_transformer(patch, self.global_caches[b], self.n_patches[b])
-                self.n_patches[b] += 1
-                self.global_steps += 1
-                self.open_patch[b] = []
-        # 4. decoder reads the latest complete patch
-        global_out = torch.cat(self.last_global)  # (B, 1, D_G)
-        logits = model.decoder(h, global_out, torch.zeros(self.B, 1, dtype=torch.long), pos, self.decoder_caches)
+        closed = start_next.nonzero()[:, 0].tolist()
+        if closed:
+            self._global_step(closed)
+        # 4. decoder: before each layer, cross-attention to the latest complete patch (released: 2h + attention)
+        position = self.decoder.position(t)
+        for i in range(len(self.decoder.layers)):
+            if i < len(self.readers):
+                h = torch.add(self.readers[i].read(h), h, alpha=2)
+            h = self.decoder.block(i, h, position)
         self.t += 1
-        return logits[:, -1]
+        return self.head(h)
+
+
+class IncrementalByteLM:
+    """The byte-level baseline (train.py --model byte) with KV caches: one step per byte, like IncrementalBLT."""
+
+    def __init__(self, model: EntropyModel, batch_size: int, capacity: int = 256):
+        self.model, self.B, self.t = model, batch_size, 0
+        self.lm = CachedByteLM(model, batch_size, capacity)
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """token: (B,) id at position t. Returns next-byte logits (B, V) for position t+1."""
+        if not torch.is_inference_mode_enabled():
+            with torch.inference_mode():
+                return self.step(token)
+        logits = self.lm.step(token, self.t)
+        self.t += 1
+        return logits
 
 
 @torch.no_grad()
@@ -107,13 +193,11 @@ def naive_logits(model: BLT, tokens: torch.Tensor) -> torch.Tensor:
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
                 generator: torch.Generator) -> torch.Tensor:
     """(B, V) logits -> (B,) ids. temperature 0 is greedy. Special ids other than EOS are never sampled."""
-    logits = logits.float().clone()
-    eos = logits[:, EOS_ID].clone()
-    logits[:, :OFFSET] = float("-inf")
-    logits[:, EOS_ID] = eos
+    logits = logits.float() + never_sampled(logits.shape[-1], logits.device)
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    if temperature != 1:
+        logits = logits / temperature
     if top_k is not None:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -125,42 +209,73 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
-def generate(model: BLT, prompt: bytes, max_bytes: int, *, batch_size: int = 1, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int = 0, naive: bool = False,
-             stop_at_eos: bool = True, on_byte=None):
-    """Generate max_bytes after prompt for batch_size rows. Returns (ids (B, T), IncrementalBLT or None).
+@functools.cache
+def never_sampled(vocab_size: int, device: torch.device) -> torch.Tensor:
+    """(V,): -inf at the special ids other than EOS, 0 elsewhere (added to logits)."""
+    bias = torch.zeros(vocab_size, device=device)
+    bias[:OFFSET] = float("-inf")
+    bias[EOS_ID] = 0.0
+    return bias
+
+
+def incremental(model, batch_size: int, capacity: int = 256):
+    """The cached one-byte-per-step generator of a BLT or of a byte-level model (EntropyModel)."""
+    if isinstance(model, BLT):
+        return IncrementalBLT(model, batch_size, capacity)
+    return IncrementalByteLM(model, batch_size, capacity)
+
+
+def generate(model: BLT | EntropyModel, prompt: bytes, max_bytes: int, *, batch_size: int = 1,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             naive: bool = False, stop_at_eos: bool = True, on_byte=None):
+    """Generate max_bytes after prompt for batch_size rows with a BLT or a byte-level model. Returns
+    (ids (B, T), the incremental generator (IncrementalBLT or IncrementalByteLM), or None if naive).
 
     on_byte(ids (B,)) is called after every generated byte (for streaming)."""
     model.eval()
-    generator = torch.Generator().manual_seed(seed)
-    prompt_ids = torch.tensor(tokenize(prompt)).expand(batch_size, -1)
-    tokens = prompt_ids.clone()
-    state = None if naive else IncrementalBLT(model, batch_size)
-    if state is not None:
-        for t in range(prompt_ids.shape[1]):
-            logits = state.step(prompt_ids[:, t])
-    finished = torch.zeros(batch_size, dtype=torch.bool)
-    for _ in range(max_bytes):
-        if naive:
-            logits = naive_logits(model, tokens)
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)
-        nxt = torch.where(finished, torch.full_like(nxt, EOS_ID), nxt)
-        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-        if on_byte is not None:
-            on_byte(nxt)
-        finished |= nxt == EOS_ID
-        if stop_at_eos and finished.all():
-            break
+    with torch.inference_mode():
+        generator = torch.Generator().manual_seed(seed)
+        prompt_ids = torch.tensor(tokenize(prompt)).expand(batch_size, -1)
+        T = prompt_ids.shape[1] + max_bytes
+        tokens = torch.full((batch_size, T), EOS_ID)  # the prompt, then generated ids
+        tokens[:, :prompt_ids.shape[1]] = prompt_ids
+        state = None if naive else incremental(model, batch_size, capacity=min(T, 4096))
         if state is not None:
-            logits = state.step(nxt)
+            for t in range(prompt_ids.shape[1]):
+                logits = state.step(prompt_ids[:, t])
+        finished = [False] * batch_size  # rows that have produced EOS: they produce nothing else
+        for t in range(prompt_ids.shape[1], T):
+            if naive:
+                logits = naive_logits(model, tokens[:, :t])
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            if any(finished):
+                nxt = torch.where(torch.tensor(finished), EOS_ID, nxt)
+            tokens[:, t] = nxt
+            if on_byte is not None:
+                on_byte(nxt)
+            finished = [f or i == EOS_ID for f, i in zip(finished, nxt.tolist())]
+            if stop_at_eos and all(finished):
+                return tokens[:, :t + 1].clone(), state
+            if state is not None:
+                logits = state.step(nxt)
     return tokens, state
 
 
 # ---- command line ----
 
+def load_model(path: str) -> BLT | EntropyModel:
+    """A BLT (as load_blt) or a byte-level model (train.py --model byte) from a checkpoint; CheckpointError
+    otherwise."""
+    kind, _, model = load_checkpoint(path, kinds=("blt", "byte"))
+    return calibrated(model, path) if kind == "blt" else model
+
+
 def load_blt(path: str) -> BLT:
     """A BLT from a checkpoint of train.py or tools/convert.py (checkpoint.py); CheckpointError otherwise."""
-    model = load_checkpoint(path, kinds=("blt",))[2]
+    return calibrated(load_checkpoint(path, kinds=("blt",))[2], path)
+
+
+def calibrated(model: BLT, path: str) -> BLT:
     if model.entropy_model is not None and model.cfg.entropy_threshold is None:
         raise CheckpointError(f"{path} uses {model.cfg.patching} patching but holds no threshold: calibrate it "
                               f"(train.py --stage calibrate, then --stage blt)")
@@ -220,7 +335,7 @@ def show_patches(ids: list[int], starts: list[bool], colour: bool = True) -> str
 
 def parse_args(argv) -> argparse.Namespace:
     """sample.py's flags, each checked as it enters (options.py's types), and their combinations."""
-    p = Parser(description="Generate bytes from a BLT checkpoint.")
+    p = Parser(description="Generate bytes from a BLT checkpoint (or a byte-level model's).")
     p.add_argument("--checkpoint", type=nonempty, default="out/shakespeare-cpu/blt_entropy.pt",
                    help="checkpoint written by train.py or tools/convert.py")
     p.add_argument("--prompt", help="prompt string (default: --prompt-file, else stdin if piped, else BOS only)")
@@ -289,7 +404,10 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     prompt = read_prompt(args)
-    model = load_blt(args.checkpoint)
+    model = load_model(args.checkpoint)
+    if not isinstance(model, BLT) and (args.plot or args.show_patches):
+        raise UsageError(f"{'--plot' if args.plot else '--show-patches'} needs a BLT; {args.checkpoint} holds a "
+                         f"byte-level model")
     if args.plot and model.entropy_model is None:
         raise UsageError(f"--plot draws the entropy model's entropies; {args.checkpoint} uses {model.cfg.patching} patching")
     if args.threads or "OMP_NUM_THREADS" not in os.environ:  # else torch has already taken OMP_NUM_THREADS
@@ -346,7 +464,7 @@ def run(args) -> int:
     n_new = tokens.shape[1] - len(prompt) - 1
     info = f"{n_new} bytes x {tokens.shape[0]} in {seconds:.2f}s ({n_new * tokens.shape[0] / seconds:.0f} bytes/s"
     info += f", {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})"
-    if state is not None:
+    if isinstance(state, IncrementalBLT):
         info += f", global steps per byte {state.global_steps / max(1, state.t * state.B):.3f}"
     print(info + (f"; wrote {args.plot}" if args.plot else ""), file=sys.stderr)
     return 0

@@ -1,9 +1,10 @@
-"""Incremental generation equals naive recomputation, for every patching scheme."""
+"""Incremental generation equals naive recomputation, for every patching scheme, and for the byte-level model."""
 import pytest
 import torch
 
+from entropy_model import ByteLMConfig
 from patching import tokenize
-from sample import IncrementalBLT, generate, naive_logits
+from sample import IncrementalBLT, IncrementalByteLM, generate, naive_logits
 from test_model import make_model
 
 TEXT = ("To be, or not to be, that is the question: naïve café — 東京 1999! "
@@ -29,6 +30,43 @@ def test_incremental_equals_naive(scheme, max_len):
     # the global model ran once per complete patch, per row: every patch but the last (it holds the slot)
     assert state.n_patches == [int((model.patch(tokens[b:b + 1]) > 0).sum()) - 1 for b in range(2)]
     assert state.global_steps == sum(state.n_patches)
+
+
+@pytest.mark.parametrize("scheme", ["entropy", "space"])
+@torch.no_grad()
+def test_rows_that_complete_patches_together_and_growing_buffers(scheme):
+    """Three different rows (their patches close at the same byte or not, so the global model runs for any
+    subset of them at once), and buffers allocated for 8 positions that have to grow."""
+    model = make_model(scheme, max_patch_length=4 if scheme == "entropy" else None)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.tensor([tokenize(TEXT[:120])] * 3)
+    tokens[1, 40:] = torch.randint(4, 260, (tokens.shape[1] - 40,), generator=g)
+    tokens[2, 1:] = torch.randint(4, 260, (tokens.shape[1] - 1,), generator=g)
+    state = IncrementalBLT(model, batch_size=3, capacity=8)
+    incremental = torch.stack([state.step(tokens[:, t]) for t in range(tokens.shape[1])], dim=1)
+    assert (incremental - model(tokens)).abs().max() < 1e-4
+    lengths = model.patch(tokens)
+    assert state.n_patches == [int((lengths[b] > 0).sum()) - 1 for b in range(3)]
+    starts = torch.stack(state.starts, dim=1)  # (B, T): does t+1 start a patch
+    assert [int(s.sum()) + 1 for s in starts] == [int((row > 0).sum()) for row in lengths]
+
+
+@pytest.mark.parametrize("window", [None, 7])
+@torch.no_grad()
+def test_byte_model_incremental_equals_naive(window):
+    """The byte-level baseline (train.py --model byte) with KV caches: the same logits as recomputing."""
+    torch.manual_seed(0)
+    model = ByteLMConfig(dim=32, layers=2, heads=2, window=window, multiple_of=16).build().eval()
+    tokens = torch.tensor([tokenize(TEXT[:100])] * 2)
+    tokens[1, 30] = 4 + ord("X")
+    state = IncrementalByteLM(model, batch_size=2, capacity=8)
+    incremental = torch.stack([state.step(tokens[:, t]) for t in range(tokens.shape[1])], dim=1)
+    assert (incremental - model(tokens)).abs().max() < 1e-4
+    for t in range(0, tokens.shape[1], 17):
+        assert (incremental[:, t] - naive_logits(model, tokens[:, :t + 1])).abs().max() < 1e-4
+    a, _ = generate(model, b"Hello", 30, temperature=0)
+    b, _ = generate(model, b"Hello", 30, temperature=0, naive=True)
+    assert torch.equal(a, b) and a.shape == (1, 6 + 30)
 
 
 def test_greedy_is_deterministic_and_matches_naive():
@@ -79,6 +117,19 @@ def test_cli_generates_from_prompt_file_with_invalid_utf8(checkpoint, tmp_path):
     assert r.returncode == 0, r.stderr.decode()
     assert r.stdout.decode("utf-8").startswith("naïve \ufffd\ufffd")
     assert (tmp_path / "entropy.png").stat().st_size > 1000
+
+
+def test_cli_generates_from_a_byte_model(tmp_path):
+    torch.manual_seed(0)
+    cfg = ByteLMConfig(dim=32, layers=2, heads=2, multiple_of=16)
+    path = tmp_path / "byte.pt"
+    torch.save({"format": 1, "kind": "byte", "config": vars(cfg), "model": cfg.build().state_dict()}, path)
+    r = run_cli("--checkpoint", str(path), "--prompt", "Hi", "--max-bytes", "12", "--temperature", "0")
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout.startswith(b"Hi") and b"12 bytes x 1" in r.stderr and b"global steps" not in r.stderr
+    r = run_cli("--checkpoint", str(path), "--prompt", "Hi", "--show-patches")
+    assert r.returncode == 1
+    assert r.stderr.decode().strip() == f"error: --show-patches needs a BLT; {path} holds a byte-level model"
 
 
 def test_cli_missing_and_mismatched_checkpoint(checkpoint, tmp_path):

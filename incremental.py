@@ -1,0 +1,245 @@
+"""Incremental decoding: the transformers of BLT, and the byte-level baseline, one position per step.
+
+layers.py's modules already decode incrementally when given KV caches (`caches=`), and they are the reference:
+tests/test_sample.py checks that generation through this file equals recomputing the whole prefix with them.
+They are written for training and for reading, though, and at one position per step, with matrices this
+small, their bookkeeping costs more than their arithmetic: each step concatenates the new key onto the cache,
+rebuilds the causal mask and the RoPE angles, and makes a dozen nn.Module calls per layer. Here the same
+weights do the same arithmetic, arranged for one new position:
+
+  * keys and values live in buffers allocated once and written in place: a ring of `window` slots for a
+    sliding window (the one query of a step sees every slot filled so far, so no mask is needed), else a
+    buffer that doubles when full;
+  * RoPE rotations for every position come from one table (layers.rope_cos_sin), applied to the query and the
+    key together as one complex multiplication (the same rotation of channel pairs as layers.apply_rope);
+  * weights are copied once, at construction (build these after loading the weights), into the layout a
+    one-row product reads fastest: transposed, contiguous, q|k|v side by side and w1|w3 side by side, with
+    each RMSNorm's weight folded into the matrix that reads the normalised vector;
+  * each residual addition rides on its output projection (torch.addmm).
+
+Shapes: B = batch rows, D = width, H = heads, Dh = head width, S = slots of the key/value buffers.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from encoder import hash_ngram_ids
+from layers import RMSNorm, rope_cos_sin
+
+
+def normalise(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """x / rms(x): layers.RMSNorm without its weight (folded into the next matrix), for float32 x; eps is a
+    0-d tensor. rms(x)^2 = |x|^2 / D + eps, from the vector norm: fewer small kernels than mean(x^2)."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x * torch.addcmul(eps, norm, norm, value=1 / x.shape[-1]).rsqrt_()
+
+
+def folded(norm: RMSNorm, *linears) -> torch.Tensor:
+    """The (D_in, D_out) matrix M with normalise(x) @ M = torch.cat([l(norm(x)) for l in linears], -1)."""
+    return (torch.cat([l.weight for l in linears]) * norm.weight).t().contiguous().detach()
+
+
+def epsilon(norm: RMSNorm) -> torch.Tensor:
+    """The norm's eps as a 0-d tensor, for normalise()."""
+    return torch.tensor(norm.eps, device=norm.weight.device)
+
+
+def transposed(linear) -> torch.Tensor:
+    """(D_in, D_out) with x @ M = linear(x)."""
+    return linear.weight.t().contiguous().detach()
+
+
+class RopeTable:
+    """RoPE rotations e^(i * position * theta^(-2j/Dh)) for positions 0..capacity-1, (capacity, Dh/2) complex,
+    from layers.rope_cos_sin (whose cos and sin repeat each angle for both channels of a pair)."""
+
+    def __init__(self, head_dim: int, theta: float, capacity: int, device=None):
+        self.head_dim, self.theta, self.device = head_dim, theta, device
+        self.table = self._make(capacity)
+
+    def _make(self, capacity: int) -> torch.Tensor:
+        cos, sin = rope_cos_sin(torch.arange(capacity, device=self.device), self.head_dim, self.theta)
+        return torch.complex(cos[:, ::2], sin[:, ::2])
+
+    def __getitem__(self, pos: int) -> torch.Tensor:
+        if pos >= len(self.table):
+            self.table = self._make(max(pos + 1, 2 * len(self.table)))
+        return self.table[pos]
+
+
+class BlockWeights:
+    """One layers.TransformerBlock's weights, laid out for one-row products (see the module docstring)."""
+
+    def __init__(self, block):
+        attention, ffn = block.attention, block.feed_forward
+        self.attention_eps, self.ffn_eps = epsilon(block.attention_norm), epsilon(block.ffn_norm)
+        self.wqkv = folded(block.attention_norm, attention.wq, attention.wk, attention.wv)  # (D, 3D)
+        self.wo = transposed(attention.wo)  # (D, D)
+        self.w13 = folded(block.ffn_norm, ffn.w1, ffn.w3)  # (D, 2F)
+        self.w2 = transposed(ffn.w2)  # (F, D)
+
+
+class CachedStack:
+    """A stack of layers.TransformerBlock decoding one position per step for B rows, with preallocated caches.
+
+    window: the stack's sliding attention window (None: every earlier position). step(x, pos) runs all B rows
+    at one position; rows=slice(b, b + 1) runs row b alone, at its own position (the global model, whose rows
+    complete patches at different bytes).
+    """
+
+    def __init__(self, blocks, rope_theta: float, window: int | None, batch_size: int, capacity: int = 256):
+        first = blocks[0].attention
+        self.n_heads, self.head_dim, self.window = first.n_heads, first.head_dim, window
+        self.layers = [BlockWeights(b) for b in blocks]
+        weight = first.wq.weight
+        slots = window if window is not None else capacity
+        shape = (batch_size, self.n_heads, slots, self.head_dim)
+        self.k = [weight.new_zeros(shape) for _ in blocks]  # per layer (B, H, S, Dh)
+        self.v = [weight.new_zeros(shape) for _ in blocks]
+        self.rope = RopeTable(self.head_dim, rope_theta, capacity, weight.device)
+
+    def position(self, pos: int) -> tuple[torch.Tensor, int, int]:
+        """What every block needs at position pos: the RoPE rotation (Dh/2,) complex, the buffer slot of the
+        new key and value, and how many slots the query attends to."""
+        if self.window is not None:
+            return self.rope[pos], pos % self.window, min(pos + 1, self.window)
+        if pos >= self.k[0].shape[2]:  # full: double the buffers
+            grow = lambda t: torch.cat([t, torch.zeros_like(t)], dim=2)  # noqa: E731
+            self.k, self.v = [grow(t) for t in self.k], [grow(t) for t in self.v]
+        return self.rope[pos], pos, pos + 1
+
+    def _qkv(self, i: int, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+        """Block i's queries, keys and values for x: (B, D), RoPE applied: (B, 3, H, Dh/2, 2)."""
+        B, w = x.shape[0], self.layers[i]
+        qkv = (normalise(x, w.attention_eps) @ w.wqkv).view(B, 3, self.n_heads, self.head_dim // 2, 2)
+        torch.view_as_complex(qkv[:, :2]).mul_(rotation)  # q and k, in place
+        return qkv
+
+    def _attend(self, i: int, qkv: torch.Tensor, rows, slot: int, n: int) -> torch.Tensor:
+        """Store the new key and value of `rows` in slot, attend over their first n slots: (B, H, 1, Dh)."""
+        B, H, Dh = qkv.shape[0], self.n_heads, self.head_dim
+        keys, values = self.k[i][rows], self.v[i][rows]  # (B, H, S, Dh)
+        keys[:, :, slot] = qkv[:, 1].view(B, H, Dh)
+        values[:, :, slot] = qkv[:, 2].view(B, H, Dh)
+        return F.scaled_dot_product_attention(qkv[:, 0].view(B, H, 1, Dh), keys[:, :, :n], values[:, :, :n])
+
+    def _finish(self, i: int, x: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """Output projection and feed-forward of block i, each with its residual."""
+        w = self.layers[i]
+        x = torch.addmm(x, attention.view(x.shape), w.wo)
+        gate, up = (normalise(x, w.ffn_eps) @ w.w13).chunk(2, dim=-1)
+        return torch.addmm(x, F.silu(gate) * up, w.w2)
+
+    def block(self, i: int, x: torch.Tensor, position: tuple) -> torch.Tensor:
+        """Block i on x: (B, D), every row at `position` (from position()) -> (B, D)."""
+        rotation, slot, n = position
+        return self._finish(i, x, self._attend(i, self._qkv(i, x, rotation), slice(None), slot, n))
+
+    def step(self, x: torch.Tensor, pos: int) -> torch.Tensor:
+        """x: (B, D), every row at position pos -> (B, D) outputs of the last block (no final norm)."""
+        position = self.position(pos)
+        for i in range(len(self.layers)):
+            x = self.block(i, x, position)
+        return x
+
+    def step_rows(self, x: torch.Tensor, rows: list[int], positions: list[int]) -> torch.Tensor:
+        """Some rows, each at its own position: x (len(rows), D) -> (len(rows), D). Matrix products are
+        batched; attention runs row by row, over each row's own cache."""
+        at = [self.position(p) for p in positions]  # (rotation, slot, n) per row
+        rotation = torch.stack([r for r, _, _ in at])[:, None, None]  # (R, 1, 1, Dh/2)
+        for i in range(len(self.layers)):
+            qkv = self._qkv(i, x, rotation)
+            out = [self._attend(i, qkv[j:j + 1], slice(b, b + 1), slot, n)
+                   for j, (b, (_, slot, n)) in enumerate(zip(rows, at))]
+            x = self._finish(i, x, out[0] if len(out) == 1 else torch.cat(out))
+        return x
+
+
+class Head:
+    """Final RMSNorm and output projection: (B, D) -> (B, V) logits."""
+
+    def __init__(self, norm: RMSNorm, output):
+        self.eps, self.weight = epsilon(norm), folded(norm, output)
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return normalise(h, self.eps) @ self.weight
+
+
+class CachedByteLM:
+    """entropy_model.EntropyModel (the entropy model, or the byte-level baseline) one byte per step:
+    step(ids (B,), pos) -> next-byte logits (B, V)."""
+
+    def __init__(self, model, batch_size: int, capacity: int = 256):
+        self.embedding = model.tok_embeddings.weight
+        self.stack = CachedStack(model.layers, model.rope_theta, model.window, batch_size, capacity)
+        self.head = Head(model.norm, model.output)
+
+    def step(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        return self.head(self.stack.step(F.embedding(ids, self.embedding), pos))
+
+
+class NewestByteEmbedding:
+    """encoder.embed(window)[:, -1]: the newest byte's embedding plus its hash n-gram embeddings (paper section
+    3.2.1), from window (B, N), the last N = max(n) ids (left-padded with 0 at the start of a sequence).
+
+    encoder.embed hashes every n-gram size separately (hash_ngram_ids once per n). Here one hash_ngram_ids call
+    per hash function does every size: the RollPolyHash of hash_ngram_ids' docstring,
+    sum_m g[m] * prime^m, gives the same value to g followed by zero ids, so the n-gram g of each size n is
+    laid out as a row of N ids, g then N - n zeros, and hashed as an N-gram.
+    """
+
+    def __init__(self, encoder):
+        self.sizes, self.buckets, self.functions = encoder.hash_sizes, encoder.hash_buckets, encoder.hash_functions
+        self.N = max(self.sizes, default=1)
+        self.tables = [encoder.tok_embeddings.weight] + [t.weight for t in encoder.hash_embeddings]
+        index = torch.full((len(self.sizes), self.N), self.N)  # index N picks a zero id
+        for i, n in enumerate(self.sizes):
+            index[i, :n] = torch.arange(self.N - n, self.N)
+        self.index = index.to(encoder.tok_embeddings.weight.device)
+
+    def __call__(self, window: torch.Tensor) -> torch.Tensor:
+        B, S = window.shape[0], len(self.sizes)
+        ids = [window[:, -1]]
+        if S:
+            rows = F.pad(window, (0, 1))[:, self.index].view(B * S, self.N)  # (B * S, N)
+            for f in range(self.functions):  # tables in encoder.embed's order: hash function, then n
+                ids += hash_ngram_ids(rows, self.N, self.buckets, f)[:, -1].view(B, S).unbind(1)
+        return torch.stack([F.embedding(i, table) for i, table in zip(ids, self.tables)]).sum(0)
+
+
+class PatchReader:
+    """The local decoder's cross-attention (layers.CrossAttention) for bytes that all read the same k slots:
+    those of one global output o_j, until the next patch completes (paper section 3.3).
+
+    With fixed keys and values, the query and output projections fold into them once per patch: per head h,
+    the scores of a byte are normalise(h) @ A_h^T and its output softmax(scores) @ U_h, with
+        A_h = k_slots,h w_q,h / sqrt(Dh)   (k, D)   and   U_h = v_slots,h w_o,h^T   (k, D),
+    two products of D x Hk per byte instead of two of D x D. set(b, slots) prepares row b; read(h) reads.
+    """
+
+    def __init__(self, cross_attn, k: int, batch_size: int):
+        self.k, self.n_heads, self.head_dim = k, cross_attn.n_heads, cross_attn.head_dim
+        H, Dh = self.n_heads, self.head_dim
+        D = H * Dh
+        self.query_eps, self.kv_eps = epsilon(cross_attn.query_norm), epsilon(cross_attn.kv_norm)
+        scale = cross_attn.query_norm.weight / math.sqrt(Dh)  # (D,): folded into A
+        self.wq = (cross_attn.wq.weight * scale).view(H, Dh, D).detach()  # (H, Dh, D)
+        self.wkv = folded(cross_attn.kv_norm, cross_attn.wk, cross_attn.wv)  # (D, 2D)
+        self.wo = cross_attn.wo.weight.t().reshape(H, Dh, D).detach()  # (H, Dh, D): w_o,h^T
+        self.A = self.wq.new_zeros(batch_size, H * k, D)
+        self.U = self.wq.new_zeros(batch_size, H * k, D)
+
+    def set(self, b: int, slots: torch.Tensor):
+        """Row b now reads the k slots (k, D) of a new global output (decoder.patch_projection of it)."""
+        H, Dh, k = self.n_heads, self.head_dim, self.k
+        kv = (normalise(slots, self.kv_eps) @ self.wkv).view(k, 2, H, Dh).permute(1, 2, 0, 3)  # (2, H, k, Dh)
+        torch.bmm(kv[0], self.wq, out=self.A[b].view(H, k, -1))
+        torch.bmm(kv[1], self.wo, out=self.U[b].view(H, k, -1))
+
+    def read(self, h: torch.Tensor) -> torch.Tensor:
+        """h: (B, D) -> the cross-attention output wo(attention) (B, D), without the residual."""
+        B = h.shape[0]
+        scores = torch.bmm(self.A, normalise(h, self.query_eps)[:, :, None])  # (B, H * k, 1)
+        weights = scores.view(B, self.n_heads, self.k).softmax(dim=-1).view(B, 1, -1)
+        return torch.bmm(weights, self.U).view(B, -1)
