@@ -116,10 +116,10 @@ class CachedStack:
         torch.view_as_complex(qkv[:, :2]).mul_(rotation)  # q and k, in place
         return qkv
 
-    def _attend(self, i: int, qkv: torch.Tensor, rows, slot: int, n: int) -> torch.Tensor:
-        """Store the new key and value of `rows` in slot, attend over their first n slots: (B, H, 1, Dh)."""
+    def _attend(self, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot: int, n: int):
+        """Store the new key and value in the buffers' slot, attend over the first n slots: (B, H, 1, Dh).
+        keys, values: (B, H, S, Dh), the rows' buffers of one block."""
         B, H, Dh = qkv.shape[0], self.n_heads, self.head_dim
-        keys, values = self.k[i][rows], self.v[i][rows]  # (B, H, S, Dh)
         keys[:, :, slot] = qkv[:, 1].view(B, H, Dh)
         values[:, :, slot] = qkv[:, 2].view(B, H, Dh)
         return F.scaled_dot_product_attention(qkv[:, 0].view(B, H, 1, Dh), keys[:, :, :n], values[:, :, :n])
@@ -134,7 +134,7 @@ class CachedStack:
     def block(self, i: int, x: torch.Tensor, position: tuple) -> torch.Tensor:
         """Block i on x: (B, D), every row at `position` (from position()) -> (B, D)."""
         rotation, slot, n = position
-        return self._finish(i, x, self._attend(i, self._qkv(i, x, rotation), slice(None), slot, n))
+        return self._finish(i, x, self._attend(self._qkv(i, x, rotation), self.k[i], self.v[i], slot, n))
 
     def step(self, x: torch.Tensor, pos: int) -> torch.Tensor:
         """x: (B, D), every row at position pos -> (B, D) outputs of the last block (no final norm)."""
@@ -150,7 +150,7 @@ class CachedStack:
         rotation = torch.stack([r for r, _, _ in at])[:, None, None]  # (R, 1, 1, Dh/2)
         for i in range(len(self.layers)):
             qkv = self._qkv(i, x, rotation)
-            out = [self._attend(i, qkv[j:j + 1], slice(b, b + 1), slot, n)
+            out = [self._attend(qkv[j:j + 1], self.k[i][b:b + 1], self.v[i][b:b + 1], slot, n)
                    for j, (b, (_, slot, n)) in enumerate(zip(rows, at))]
             x = self._finish(i, x, out[0] if len(out) == 1 else torch.cat(out))
         return x

@@ -98,22 +98,31 @@ class IncrementalBLT:
         self.history, self.entropy, self.states, self.is_start = (
             double(self.history), double(self.entropy), double(self.states), double(self.is_start))
 
-    def _next_start(self) -> torch.Tensor:
-        """Does position t+1 start a patch? (B,) bool. patching.py's rules (incremental: paper section 2.4) on
-        the shortest tail of the history that decides it. A rule looks back at most two positions, strided
-        starts line up with any rule start, and max_patch_length counts from the latest rule start: so the
-        tail begins one position before the earliest of the rows' latest rule starts. (patch_starts forces
-        starts at a tail's first two positions; a row whose own rule start is later overrides them.)"""
+    def _next_start(self) -> list[int]:
+        """Which rows start a patch at position t+1 (their open patch is complete)? Records it in is_start.
+
+        patching.py's rules (incremental: paper section 2.4) on the shortest tail of the history that decides
+        it. A rule looks back at most two positions, strided starts line up with any rule start, and
+        max_patch_length counts from the latest rule start: so the tail begins one position before the
+        earliest of the rows' latest rule starts. (patch_starts forces starts at a tail's first two positions;
+        a row whose own rule start is later overrides them.)"""
         cfg, t = self.cfg, self.t
         first = max(0, min(self.rule_start) - 1)
         entropies = self.entropy[:, first:t + 1] if self.entropy_model is not None else None
         rule = patch_starts(self.history[:, first:t + 1], cfg.patching, patch_size=int(cfg.patch_size),
                             entropies=entropies, threshold=cfg.entropy_threshold)  # (B, t + 2 - first)
-        for b in rule[:, -1].nonzero()[:, 0].tolist():
-            self.rule_start[b] = t + 1
         if cfg.max_patch_length is None:
-            return rule[:, -1]
-        return limit_patch_length(rule, cfg.max_patch_length)[:, -1]  # as patch_starts(max_patch_length=...)
+            starts = rule[:, -1]
+            rows = starts.nonzero()[:, 0].tolist()
+            ruled = rows
+        else:  # what patch_starts(max_patch_length=...) does
+            starts = limit_patch_length(rule, cfg.max_patch_length)[:, -1]
+            ruled, starting = torch.stack([rule[:, -1], starts]).tolist()
+            ruled, rows = [b for b, r in enumerate(ruled) if r], [b for b, s in enumerate(starting) if s]
+        for b in ruled:
+            self.rule_start[b] = t + 1
+        self.is_start[:, t + 1] = starts
+        return rows
 
     def _global_step(self, rows: list[int]):
         """The open patches of `rows` (row b's: positions patch_start[b]..t) are complete: pool them, run one
@@ -122,7 +131,8 @@ class IncrementalBLT:
         t, starts = self.t, [self.patch_start[b] for b in rows]
         first = min(starts)
         states = self.states[rows, first:t + 1]  # (R, n, D_E): the longest of the patches, and what precedes the others
-        before = torch.arange(first, t + 1) < torch.tensor(starts)[:, None]  # (R, n): not in the row's patch
+        device = states.device  # below: (R, n), True where a byte is not in its row's patch
+        before = torch.arange(first, t + 1, device=device) < torch.tensor(starts, device=device)[:, None]
         n_pooled = 2 if max(starts) > first else 1  # bytes before a row's patch go to a second, unused patch
         patches = self.model.encoder.pool(states, before.long(), n_pooled)[:, 0]  # (R, k * D_E)
         x = patches @ self.global_projection if self.global_projection is not None else patches
@@ -145,8 +155,7 @@ class IncrementalBLT:
         self.history[:, t] = token
         if self.entropy_model is not None:  # 1. entropy model
             self.entropy[:, t] = entropy_from_logits(self.entropy_model.step(token, t))
-        start_next = self._next_start()
-        self.is_start[:, t + 1] = start_next
+        closed = self._next_start()  # rows whose open patch is now complete
         # 2. encoder: the hash n-grams need only the last max(n) ids
         window = self.history[:, max(0, t + 1 - self.embed.N):t + 1]
         if window.shape[1] < self.embed.N:  # the first bytes: n-grams reach back before BOS, as zeros
@@ -154,7 +163,6 @@ class IncrementalBLT:
         h = self.encoder.step(self.embed(window), t)  # (B, D_E)
         self.states[:, t] = h
         # 3. global model, only for rows whose patch just closed
-        closed = start_next.nonzero()[:, 0].tolist()
         if closed:
             self._global_step(closed)
         # 4. decoder: before each layer, cross-attention to the latest complete patch (released: 2h + attention)
