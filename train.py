@@ -396,7 +396,7 @@ def run(args):
     if DIST.main:
         DIST.barrier()
     why = ""
-    if small_by_default(args, preset_name, len(corpus.train)):  # windows no longer than cpu's: the check holds
+    if small_by_default(args, preset_name, len(corpus.train)):  # its windows are no longer: min_bytes holds
         preset_name, why = "small", (f" (the default under --time-budget for a training split under "
                                      f"{SMALL_CORPUS_BYTES >> 20} MB; --preset cpu for the cpu defaults)")
         preset, blt_cfg, baseline_cfg, tc, entropy_tc, opts, stages = settings(args, preset_name, device)

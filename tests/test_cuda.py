@@ -6,6 +6,7 @@ import torch
 import torch._dynamo
 
 import train
+from blt import BLT, cpu_tiny
 from runtime import compiled_graphs
 from test_compile import TEXTS, TINY, window
 from test_model import TEXT, make_model
@@ -39,7 +40,6 @@ def test_forward_on_cuda_matches_cpu(scheme):
 def test_compiled_bf16_step_on_cuda_compiles_once():
     torch._dynamo.reset()
     torch.manual_seed(0)
-    from blt import BLT, cpu_tiny
     model = BLT(cpu_tiny(**TINY))
     device = torch.device("cuda")
     task = train.Task("blt", model, model.cfg, train.TrainConfig(seq_len=64, batch_size=2, dtype="bf16"), device,

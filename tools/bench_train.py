@@ -157,13 +157,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=("cpu", "gpu"), action="append", help="default: cpu, plus gpu with CUDA")
     p.add_argument("--steps", type=int, default=None, help="timed steps per model (default: 5 on CPU, 20 on GPU)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time BLT (bf16) with torch.compile switched from the preset's choice: compiled "
                         "against eager (default on; compiling takes minutes on a small CPU)")
     p.add_argument("--one", nargs=3, metavar=("PRESET", "MODEL", "DTYPE"), help=argparse.SUPPRESS)  # a child run
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(measure(*args.one, steps=args.steps or 5, compiled=args.compile)))
+        print(json.dumps(measure(*args.one, steps=args.steps or 5, compiled=args.compile)))  # None: the preset's
         return
     presets = args.preset or (["cpu", "gpu"] if torch.cuda.is_available() else ["cpu"])
     for preset in presets:
@@ -178,7 +178,7 @@ def main(argv=None):
               f"{'GFLOP/s':>9s} {'of peak':>7s} {'peak mem':>9s}")
         preset_compiles = device.type == "cuda"  # as train.py: the gpu preset compiles, the cpu preset does not
         rows = [(model, dtype, preset_compiles) for model in ("entropy", "blt", "byte") for dtype in ("bf16", "fp32")]
-        rows += [("blt", "bf16", not preset_compiles)] if args.compile else []
+        rows += [("blt", "bf16", not preset_compiles)] if args.compile is not False else []
         results = {}
         for model, dtype, compiled in rows:
             steps = args.steps or (20 if device.type == "cuda" else 5)

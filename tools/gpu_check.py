@@ -89,7 +89,7 @@ def sampler_bytes_per_s(preset: str, device: torch.device, n: int) -> str:
 
     try:
         return f"{rate(device):,.0f} bytes/s on {device.type}"
-    except (RuntimeError, TypeError) as e:
+    except Exception as e:  # noqa: BLE001  (whatever sample.py raises on this device, the table names it)
         if device.type == "cpu":
             raise
         why = str(e).strip().splitlines()[0][:120]
