@@ -84,57 +84,60 @@ class CachedStack:
     """A stack of layers.TransformerBlock decoding one position per step for B rows, with preallocated caches.
 
     window: the stack's sliding attention window (None: every earlier position). step(x, pos) runs all B rows
-    at one position; rows=slice(b, b + 1) runs row b alone, at its own position (the global model, whose rows
-    complete patches at different bytes).
+    at one position, through buffers and views made once (every small tensor a step would otherwise create
+    costs time: for these matrices, as much as the arithmetic). step_rows runs some rows, each at its own
+    position (the global model, whose rows complete patches at different bytes).
     """
 
     def __init__(self, blocks, rope_theta: float, window: int | None, batch_size: int, capacity: int = 256):
         first = blocks[0].attention
-        self.n_heads, self.head_dim, self.window = first.n_heads, first.head_dim, window
+        H, Dh, B = first.n_heads, first.head_dim, batch_size
+        self.n_heads, self.head_dim, self.window = H, Dh, window
         self.layers = [BlockWeights(b) for b in blocks]
         weight = first.wq.weight
         slots = window if window is not None else capacity
-        shape = (batch_size, self.n_heads, slots, self.head_dim)
-        self.k = [weight.new_zeros(shape) for _ in blocks]  # per layer (B, H, S, Dh)
-        self.v = [weight.new_zeros(shape) for _ in blocks]
-        self.rope = RopeTable(self.head_dim, rope_theta, capacity, weight.device)
+        self.kv = [weight.new_zeros(B, 2, H, slots, Dh) for _ in blocks]  # per layer: keys and values
+        self._cache_views()
+        self.rope = RopeTable(Dh, rope_theta, capacity, weight.device)
+        # step's products land in these buffers; views of them are the queries, keys, values and SwiGLU halves
+        self.qkv = weight.new_zeros(B, 3 * H * Dh)
+        self.q = self.qkv.view(B, 3, H, 1, Dh)[:, 0]  # (B, H, 1, Dh)
+        self.new_kv = self.qkv.view(B, 3, H, Dh)[:, 1:]  # (B, 2, H, Dh)
+        self.qk = torch.view_as_complex(self.qkv.view(B, 3, H, Dh // 2, 2)[:, :2])  # (B, 2, H, Dh/2) for RoPE
+        hidden = self.layers[0].w2.shape[0]
+        self.h13 = weight.new_zeros(B, 2 * hidden)
+        self.gate, self.up = self.h13[:, :hidden], self.h13[:, hidden:]
+
+    def _cache_views(self):
+        """Keys and values (B, H, S, Dh) of each layer, and, for a ring, each slot (B, 2, H, Dh)."""
+        self.keys, self.values = [kv[:, 0] for kv in self.kv], [kv[:, 1] for kv in self.kv]
+        if self.window is not None:
+            self.slot_views = [[kv[:, :, :, s] for s in range(self.window)] for kv in self.kv]
 
     def position(self, pos: int) -> tuple[torch.Tensor, int, int]:
         """What every block needs at position pos: the RoPE rotation (Dh/2,) complex, the buffer slot of the
         new key and value, and how many slots the query attends to."""
         if self.window is not None:
             return self.rope[pos], pos % self.window, min(pos + 1, self.window)
-        if pos >= self.k[0].shape[2]:  # full: double the buffers
-            grow = lambda t: torch.cat([t, torch.zeros_like(t)], dim=2)  # noqa: E731
-            self.k, self.v = [grow(t) for t in self.k], [grow(t) for t in self.v]
+        if pos >= self.kv[0].shape[3]:  # full: double the buffers
+            self.kv = [torch.cat([t, torch.zeros_like(t)], dim=3) for t in self.kv]
+            self._cache_views()
         return self.rope[pos], pos, pos + 1
-
-    def _qkv(self, i: int, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-        """Block i's queries, keys and values for x: (B, D), RoPE applied: (B, 3, H, Dh/2, 2)."""
-        B, w = x.shape[0], self.layers[i]
-        qkv = (normalise(x, w.attention_eps) @ w.wqkv).view(B, 3, self.n_heads, self.head_dim // 2, 2)
-        torch.view_as_complex(qkv[:, :2]).mul_(rotation)  # q and k, in place
-        return qkv
-
-    def _attend(self, qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot: int, n: int):
-        """Store the new key and value in the buffers' slot, attend over the first n slots: (B, H, 1, Dh).
-        keys, values: (B, H, S, Dh), the rows' buffers of one block."""
-        B, H, Dh = qkv.shape[0], self.n_heads, self.head_dim
-        keys[:, :, slot] = qkv[:, 1].view(B, H, Dh)
-        values[:, :, slot] = qkv[:, 2].view(B, H, Dh)
-        return F.scaled_dot_product_attention(qkv[:, 0].view(B, H, 1, Dh), keys[:, :, :n], values[:, :, :n])
-
-    def _finish(self, i: int, x: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-        """Output projection and feed-forward of block i, each with its residual."""
-        w = self.layers[i]
-        x = torch.addmm(x, attention.view(x.shape), w.wo)
-        gate, up = (normalise(x, w.ffn_eps) @ w.w13).chunk(2, dim=-1)
-        return torch.addmm(x, F.silu(gate) * up, w.w2)
 
     def block(self, i: int, x: torch.Tensor, position: tuple) -> torch.Tensor:
         """Block i on x: (B, D), every row at `position` (from position()) -> (B, D)."""
         rotation, slot, n = position
-        return self._finish(i, x, self._attend(self._qkv(i, x, rotation), self.k[i], self.v[i], slot, n))
+        w = self.layers[i]
+        torch.matmul(normalise(x, w.attention_eps), w.wqkv, out=self.qkv)
+        self.qk.mul_(rotation)  # RoPE on q and k
+        (self.slot_views[i][slot] if self.window is not None else self.kv[i].select(3, slot)).copy_(self.new_kv)
+        keys, values = self.keys[i], self.values[i]
+        if n < keys.shape[2]:
+            keys, values = keys[:, :, :n], values[:, :, :n]
+        out = F.scaled_dot_product_attention(self.q, keys, values)  # (B, H, 1, Dh)
+        x = torch.addmm(x, out.view(x.shape), w.wo)
+        torch.matmul(normalise(x, w.ffn_eps), w.w13, out=self.h13)
+        return torch.addmm(x, F.silu(self.gate, inplace=True).mul_(self.up), w.w2)
 
     def step(self, x: torch.Tensor, pos: int) -> torch.Tensor:
         """x: (B, D), every row at position pos -> (B, D) outputs of the last block (no final norm)."""
@@ -144,15 +147,23 @@ class CachedStack:
         return x
 
     def step_rows(self, x: torch.Tensor, rows: list[int], positions: list[int]) -> torch.Tensor:
-        """Some rows, each at its own position: x (len(rows), D) -> (len(rows), D). Matrix products are
-        batched; attention runs row by row, over each row's own cache."""
+        """Some rows, each at its own position: x (R, D) -> (R, D). The same block as `block`, with products
+        batched over the R rows and attention row by row, over each row's own cache."""
+        R, H, Dh = x.shape[0], self.n_heads, self.head_dim
         at = [self.position(p) for p in positions]  # (rotation, slot, n) per row
         rotation = torch.stack([r for r, _, _ in at])[:, None, None]  # (R, 1, 1, Dh/2)
-        for i in range(len(self.layers)):
-            qkv = self._qkv(i, x, rotation)
-            out = [self._attend(qkv[j:j + 1], self.k[i][b:b + 1], self.v[i][b:b + 1], slot, n)
-                   for j, (b, (_, slot, n)) in enumerate(zip(rows, at))]
-            x = self._finish(i, x, out[0] if len(out) == 1 else torch.cat(out))
+        for i, w in enumerate(self.layers):
+            qkv = (normalise(x, w.attention_eps) @ w.wqkv).view(R, 3, H, Dh // 2, 2)
+            torch.view_as_complex(qkv[:, :2]).mul_(rotation)
+            qkv = qkv.view(R, 3, H, 1, Dh)
+            out = []
+            for j, (b, (_, slot, n)) in enumerate(zip(rows, at)):
+                kv = self.kv[i][b]  # (2, H, S, Dh)
+                kv[:, :, slot] = qkv[j, 1:, :, 0]
+                out.append(F.scaled_dot_product_attention(qkv[j, 0], kv[0, :, :n], kv[1, :, :n]))  # (H, 1, Dh)
+            x = torch.addmm(x, torch.stack(out).view(x.shape), w.wo)
+            gate, up = (normalise(x, w.ffn_eps) @ w.w13).chunk(2, dim=-1)
+            x = torch.addmm(x, F.silu(gate) * up, w.w2)
         return x
 
 
@@ -186,26 +197,35 @@ class NewestByteEmbedding:
     encoder.embed hashes every n-gram size separately (hash_ngram_ids once per n). Here one hash_ngram_ids call
     per hash function does every size: the RollPolyHash of hash_ngram_ids' docstring,
     sum_m g[m] * prime^m, gives the same value to g followed by zero ids, so the n-gram g of each size n is
-    laid out as a row of N ids, g then N - n zeros, and hashed as an N-gram.
+    laid out as a row of N ids, g then N - n zeros, and hashed as an N-gram. When the tables are small (up to
+    ONE_TABLE floats), a copy of them all, end to end, serves every lookup at once.
     """
+    ONE_TABLE = 1 << 26
 
     def __init__(self, encoder):
         self.sizes, self.buckets, self.functions = encoder.hash_sizes, encoder.hash_buckets, encoder.hash_functions
         self.N = max(self.sizes, default=1)
-        self.tables = [encoder.tok_embeddings.weight] + [t.weight for t in encoder.hash_embeddings]
+        self.tables = [encoder.tok_embeddings.weight.detach()] + [t.weight.detach() for t in encoder.hash_embeddings]
+        device = self.tables[0].device
         index = torch.full((len(self.sizes), self.N), self.N)  # index N picks a zero id
         for i, n in enumerate(self.sizes):
             index[i, :n] = torch.arange(self.N - n, self.N)
-        self.index = index.to(encoder.tok_embeddings.weight.device)
+        self.index = index.to(device)
+        self.table = None
+        if sum(t.numel() for t in self.tables) <= self.ONE_TABLE:
+            self.table = torch.cat(self.tables)  # table j's rows start at offsets[j]
+            self.offsets = torch.tensor([0] + [len(t) for t in self.tables[:-1]], device=device).cumsum(0)
 
     def __call__(self, window: torch.Tensor) -> torch.Tensor:
         B, S = window.shape[0], len(self.sizes)
-        ids = [window[:, -1]]
+        ids = [window[:, -1:]]  # (B, 1) per table or group of tables, in encoder.embed's order
         if S:
             rows = F.pad(window, (0, 1))[:, self.index].view(B * S, self.N)  # (B * S, N)
-            for f in range(self.functions):  # tables in encoder.embed's order: hash function, then n
-                ids += hash_ngram_ids(rows, self.N, self.buckets, f)[:, -1].view(B, S).unbind(1)
-        return torch.stack([F.embedding(i, table) for i, table in zip(ids, self.tables)]).sum(0)
+            ids += [hash_ngram_ids(rows, self.N, self.buckets, f)[:, -1].view(B, S) for f in range(self.functions)]
+        ids = torch.cat(ids, dim=1)  # (B, tables)
+        if self.table is not None:
+            return F.embedding(ids + self.offsets, self.table).sum(dim=1)
+        return torch.stack([F.embedding(i, table) for i, table in zip(ids.unbind(1), self.tables)]).sum(0)
 
 
 class PatchReader:
@@ -229,6 +249,8 @@ class PatchReader:
         self.wo = cross_attn.wo.weight.t().reshape(H, Dh, D).detach()  # (H, Dh, D): w_o,h^T
         self.A = self.wq.new_zeros(batch_size, H * k, D)
         self.U = self.wq.new_zeros(batch_size, H * k, D)
+        self.scores = self.wq.new_zeros(batch_size, H * k, 1)  # read's products land here
+        self.out = self.wq.new_zeros(batch_size, 1, D)
 
     def set(self, b: int, slots: torch.Tensor):
         """Row b now reads the k slots (k, D) of a new global output (decoder.patch_projection of it)."""
@@ -239,7 +261,7 @@ class PatchReader:
 
     def read(self, h: torch.Tensor) -> torch.Tensor:
         """h: (B, D) -> the cross-attention output wo(attention) (B, D), without the residual."""
-        B = h.shape[0]
-        scores = torch.bmm(self.A, normalise(h, self.query_eps)[:, :, None])  # (B, H * k, 1)
-        weights = scores.view(B, self.n_heads, self.k).softmax(dim=-1).view(B, 1, -1)
-        return torch.bmm(weights, self.U).view(B, -1)
+        B, D = h.shape
+        torch.bmm(self.A, normalise(h, self.query_eps).view(B, D, 1), out=self.scores)  # (B, H * k, 1)
+        weights = self.scores.view(B, self.n_heads, self.k).softmax(dim=-1).view(B, 1, -1)
+        return torch.bmm(weights, self.U, out=self.out).view(B, D)

@@ -136,7 +136,11 @@ class IncrementalBLT:
         n_pooled = 2 if max(starts) > first else 1  # bytes before a row's patch go to a second, unused patch
         patches = self.model.encoder.pool(states, before.long(), n_pooled)[:, 0]  # (R, k * D_E)
         x = patches @ self.global_projection if self.global_projection is not None else patches
-        out = self.global_model.step_rows(x, rows, [self.n_patches[b] for b in rows])  # o_j per row (R, D_G)
+        positions = [self.n_patches[b] for b in rows]
+        if len(rows) == self.B and len(set(positions)) == 1:  # every row at the same patch (always for B = 1)
+            out = self.global_model.step(x, positions[0])  # o_j per row (R, D_G)
+        else:
+            out = self.global_model.step_rows(x, rows, positions)
         slots = (out @ self.slots).view(len(rows), self.cfg.cross_attn_k, -1)  # (R, k, D)
         for j, b in enumerate(rows):
             for reader in self.readers:
@@ -214,7 +218,9 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+    # torch.multinomial's own method for one draw, argmax(p / Exp(1) noise), without its input checks
+    probs = logits.softmax(-1)
+    return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(-1)
 
 
 @functools.cache

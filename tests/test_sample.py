@@ -51,6 +51,24 @@ def test_rows_that_complete_patches_together_and_growing_buffers(scheme):
     assert [int(s.sum()) + 1 for s in starts] == [int((row > 0).sum()) for row in lengths]
 
 
+@pytest.mark.parametrize("one_table", [True, False])
+@torch.no_grad()
+def test_newest_byte_embedding_equals_the_encoders(one_table, monkeypatch):
+    """One hash_ngram_ids call per hash function, n-grams padded with zeros, equals encoder.embed at the last
+    position; with the tables copied end to end into one, or looked up one by one (large tables)."""
+    from incremental import NewestByteEmbedding
+    if not one_table:
+        monkeypatch.setattr(NewestByteEmbedding, "ONE_TABLE", 0)
+    model = make_model("space", hash_functions=2, hash_ngram_sizes=(2, 3, 5))
+    embed = NewestByteEmbedding(model.encoder)
+    assert (embed.table is not None) == one_table
+    tokens = torch.randint(0, 260, (3, 12), generator=torch.Generator().manual_seed(0))
+    want = model.encoder.embed(tokens)  # (B, T, D)
+    for t in range(12):
+        window = torch.nn.functional.pad(tokens[:, max(0, t - 4):t + 1], (max(0, 4 - t), 0))  # last 5 ids
+        assert (embed(window) - want[:, t]).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("window", [None, 7])
 @torch.no_grad()
 def test_byte_model_incremental_equals_naive(window):
