@@ -34,8 +34,9 @@ def test_smoke_study_end_to_end(small_corpus, tmp_path):
     out, figures = tmp_path / "study", tmp_path / "figures"
     env = {**os.environ, "BLT_DATA_DIR": str(tmp_path / "cache")}  # the tokenizer cache stays out of data/
     cmd = [sys.executable, str(REPO / "tools" / "experiments.py"), "--study", "tokens", "--preset", "smoke",
-           "--data", str(small_corpus), "--out", str(out), "--figures", str(figures), "--docs", str(tmp_path / "doc.md")]
-    (tmp_path / "doc.md").write_text(f"# title\n\nprose\n\n{study.DOC_START}\nold\n{study.DOC_END}\n\nmore prose\n")
+           "--data", str(small_corpus), "--out", str(out), "--figures", str(figures), "--docs", str(tmp_path / "doc.md"), "--readme", str(tmp_path / "readme.md")]
+    for page in ("doc.md", "readme.md"):
+        (tmp_path / page).write_text(f"# title\n\nprose\n\n{study.DOC_START}\nold\n{study.DOC_END}\n\nmore prose\n")
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
@@ -68,4 +69,8 @@ def test_smoke_study_end_to_end(small_corpus, tmp_path):
     assert (figures / "patches_vs_tokens.png").stat().st_size > 10_000
     doc = (tmp_path / "doc.md").read_text()  # only the part between the markers is rewritten
     assert doc.startswith("# title\n\nprose\n\n") and doc.endswith("\n\nmore prose\n") and "old" not in doc
-    assert "**Matched training compute**" in doc and "patches_vs_tokens.png" in doc
+    assert "**Matched training compute**" in doc and "](../figures/patches_vs_tokens.png)" in doc
+    readme = (tmp_path / "readme.md").read_text()  # the short version: matched compute, noise, the figure
+    assert readme.startswith("# title\n\nprose\n\n") and readme.endswith("\n\nmore prose\n") and "old" not in readme
+    assert "| BPE transformer |" in readme and "**Robustness**" in readme and "**Fixed inference" not in readme
+    assert "](figures/patches_vs_tokens.png)" in readme

@@ -23,7 +23,8 @@ paper's accounting (section 4.5; blt.flops_per_byte, tokens.token_flops_per_byte
    seed, --noise-rate). The tokenizer stays the one trained on clean text.
 
 Outputs: OUT/results.md and OUT/results.json (tables, design, every number), the tables also between the
-markers of docs/patches_vs_tokens.md, and figures/patches_vs_tokens.png. Finished runs are reused, so an
+markers of docs/patches_vs_tokens.md (all of them) and of README.md (matched compute and noise),
+and figures/patches_vs_tokens.png. Finished runs are reused, so an
 interrupted study continues where it stopped (train.py --resume). Runs go through train.main in this
 process (a fresh Python per run would cost seconds each); each run's output goes to OUT/experiments.log.
 """
@@ -289,6 +290,8 @@ def report(plan: dict, runs: dict, noise: dict, s: dict, seeds: list[int], patch
                      f"{ms[0]['forward_flops_per_byte'] / 1e6:.2f} | {p['model'] / 1e6:.2f}M | {p['hash'] / 1e6:.2f}M | "
                      f"{p['entropy'] / 1e6:.3f}M | {ms[0]['stage_seconds']:.0f} |")
 
+    part1 = list(lines)
+
     # part 2: fixed inference compute, several budgets
     lines += ["", f"**Fixed inference compute** ({plan['target_flops_per_byte'] / 1e6:.2f} MFLOP/byte, the BPE "
               f"model's): val BPB at each training budget (seed {seeds[0]}).", "",
@@ -325,6 +328,12 @@ def report(plan: dict, runs: dict, noise: dict, s: dict, seeds: list[int], patch
         units.append(f"| {label(model)} | {unit:.2f} | " + " | ".join(
             f"{noise[name][k].get('bytes_per_token', noise[name][k].get('patch_size', 1.0)):.2f}" for k in noise_names) + " |")
     lines += units
+    # the README's short version: part 1, the noise increases and the figure
+    short = part1[2:] + ["", f"**Robustness**: increase in val BPB on noised copies of the validation bytes (rate "
+                         f"{args.noise_rate:g}; clean in the first column).", "",
+                         "| model | clean | " + " | ".join(noise_names) + " |", "|---|---|" + "---|" * len(noise_names)]
+    short += [f"| {label(m)} | {metrics[run_name(m, last, seeds[0])]['val_bpb']:.3f} | "
+              + " | ".join(f"+{table3[m][k]:.3f}" for k in noise_names) + " |" for m in models]
 
     # the reading, computed from the numbers
     lines += ["", "**Reading** (generated from the numbers above):", ""]
@@ -354,7 +363,17 @@ def report(plan: dict, runs: dict, noise: dict, s: dict, seeds: list[int], patch
                      f"BPE +{table3['bpe'][noise_kind]:.3f}.")
     data = {"design": plan, "metrics": metrics, "noise": noise, "matched": table1, "fixed_inference": lines_fig,
             "noise_increase": table3, "seeds": seeds, "budgets": budgets, "minutes": minutes}
-    return "\n".join(lines), data
+    return "\n".join(lines), "\n".join(short), data
+
+
+def fill_markers(doc: Path, text: str):
+    """Rewrite the part of `doc` between DOC_START and DOC_END with `text` (a new page if doc is missing)."""
+    body = doc.read_text() if doc.exists() else f"# Patches versus tokens\n\n{DOC_START}\n{DOC_END}\n"
+    if DOC_START in body and DOC_END in body:
+        before, rest = body.split(DOC_START, 1)
+        doc.write_text(before + DOC_START + "\n" + text + "\n" + DOC_END + rest.split(DOC_END, 1)[1])
+    else:
+        print(f"warning: {doc} has no {DOC_START} ... {DOC_END} markers; left as it is", file=sys.stderr)
 
 
 def main(argv=None):
@@ -369,6 +388,8 @@ def main(argv=None):
     p.add_argument("--figures", default="figures", help="folder for patches_vs_tokens.png")
     p.add_argument("--docs", default=str(ROOT / "docs" / "patches_vs_tokens.md"),
                    help="markdown file whose results section is rewritten ('' to leave it)")
+    p.add_argument("--readme", default=str(ROOT / "README.md"),
+                   help="markdown file whose short results (matched compute, noise, figure) are rewritten ('' to leave it)")
     p.add_argument("--plan", action="store_true", help="print the models and their FLOPs per byte, train nothing")
     args = p.parse_args(argv)
     s = PRESETS[args.preset]
@@ -396,21 +417,17 @@ def main(argv=None):
     names = [run_name(m, s["budgets"][-1], args.seeds[0]) for m in plan["models"]]
     noise = noise_results(runs, names, corpus, s, args.noise_rate, out / "noise.json")
     minutes = (time.time() - t0) / 60
-    text, numbers = report(plan, runs, noise, s, args.seeds, args.patch_sizes, args, minutes)
+    text, short, numbers = report(plan, runs, noise, s, args.seeds, args.patch_sizes, args, minutes)
     (out / "results.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps(numbers, indent=1) + "\n")
     Path(args.figures).mkdir(parents=True, exist_ok=True)
     plot_patches_vs_tokens(numbers["fixed_inference"], {label(m): v for m, v in numbers["noise_increase"].items()},
                            Path(args.figures) / "patches_vs_tokens.png")
+    figure = f"![patches versus tokens]({{}}{Path(args.figures).name}/patches_vs_tokens.png)"
     if args.docs:
-        doc = Path(args.docs)
-        body = doc.read_text() if doc.exists() else f"# Patches versus tokens\n\n{DOC_START}\n{DOC_END}\n"
-        if DOC_START in body and DOC_END in body:
-            before, rest = body.split(DOC_START, 1)
-            figure = "\n\n![patches versus tokens](../figures/patches_vs_tokens.png)"
-            doc.write_text(before + DOC_START + "\n" + text + figure + "\n" + DOC_END + rest.split(DOC_END, 1)[1])
-        else:
-            print(f"warning: {doc} has no {DOC_START} ... {DOC_END} markers; left as it is", file=sys.stderr)
+        fill_markers(Path(args.docs), text + "\n\n" + figure.format("../"))
+    if args.readme:
+        fill_markers(Path(args.readme), short + "\n\n" + figure.format(""))
     print(text)
     print(f"done in {minutes:.0f} minutes; tables in {out / 'results.md'}, figure in {args.figures}/patches_vs_tokens.png")
 
