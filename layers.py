@@ -231,9 +231,10 @@ class Attention(nn.Module):
     """Multi-head self-attention with RoPE on queries and keys.
 
     window: the layer's sliding window, if any. Its masks then allow only the window - 1 keys before each
-    query and the query itself; for sequences longer than 4 * window attention runs blockwise, each block
-    of `window` queries against its own and the previous block (`attend_sliding_window`), and falls back
-    to `attend` for a mask that reaches further.
+    query and the query itself; for sequences longer than 4 * window (1 * window for the explicit bf16
+    path of `attend`, where scores dominate) attention runs blockwise, each block of `window` queries
+    against its own and the previous block (`attend_sliding_window`), and falls back to `attend` for a
+    mask that reaches further.
     """
 
     def __init__(self, dim: int, n_heads: int, window: int | None = None):
@@ -255,7 +256,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v, key_positions = cache.update(k, v, positions)  # (B, H, S, Dh), S = kept + T
             mask = causal_mask(positions, key_positions, cache.window)  # (1, 1, T, S)
-        elif self.window is not None and T > 4 * self.window:  # below that, blocks save too little (measured)
+        elif self.window is not None and T > (1 if _explicit_math(q) else 4) * self.window:  # measured thresholds
             out = attend_sliding_window(q, k, v, mask, self.window)  # None if the mask reaches further
         if out is None:
             out = attend(q, k, v, mask)  # (B, H, T, Dh)
