@@ -229,6 +229,39 @@ class NewestByteEmbedding:
         return torch.stack([F.embedding(i, table) for i, table in zip(ids.unbind(1), self.tables)]).sum(0)
 
 
+class PatchPooler:
+    """encoder.pool (the encoder's patch cross-attention, paper section 3.2.2) for one complete patch per row.
+
+    Its general form handles every patch of a sequence at once, scoring (byte, query) pairs through scatter
+    and index operations; here each row has one patch, so its k queries attend to the patch's bytes with one
+    dense attention call. pool(states (R, n, D), before (R, n) bool or None) -> (R, k * D), where before marks
+    the bytes (at the front) that precede a row's patch.
+    """
+
+    def __init__(self, encoder):
+        cross = encoder.cross_attn
+        self.k, self.n_heads, self.head_dim = encoder.k, cross.n_heads, cross.head_dim
+        self.projection = transposed(encoder.patch_projection)  # (D, k * D)
+        self.query_eps, self.kv_eps = epsilon(cross.query_norm), epsilon(cross.kv_norm)
+        self.wq = folded(cross.query_norm, cross.wq)  # (D, D)
+        self.wkv = folded(cross.kv_norm, cross.wk, cross.wv)  # (D, 2D)
+        self.wo = transposed(cross.wo)  # (D, D)
+
+    def __call__(self, states: torch.Tensor, before: torch.Tensor | None = None) -> torch.Tensor:
+        (R, n, D), H, Dh, k = states.shape, self.n_heads, self.head_dim, self.k
+        mask = None
+        if before is not None:
+            states_in = states.masked_fill(before[..., None], float("-inf"))  # amax over the patch's bytes only
+            mask = ~before[:, None, None, :]  # (R, 1, 1, n)
+        pooled = (states_in if before is not None else states).amax(dim=1)  # (R, D)
+        queries = (pooled @ self.projection).view(R * k, D)
+        q = (normalise(queries, self.query_eps) @ self.wq).view(R, k, H, Dh).transpose(1, 2)  # (R, H, k, Dh)
+        kv = (normalise(states, self.kv_eps) @ self.wkv).view(R, n, 2, H, Dh).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask)  # (R, H, k, Dh)
+        # released: 2 * queries + attention (layers.CrossAttention returns queries + attention)
+        return torch.addmm(queries, out.transpose(1, 2).reshape(R * k, D), self.wo, beta=2).view(R, k * D)
+
+
 class PatchReader:
     """The local decoder's cross-attention (layers.CrossAttention) for bytes that all read the same k slots:
     those of one global output o_j, until the next patch completes (paper section 3.3).

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from blt import BLT
 from checkpoint import CheckpointError, StorageError, load_checkpoint, os_reason
 from entropy_model import EntropyModel, entropy_from_logits
-from incremental import CachedByteLM, CachedStack, Head, NewestByteEmbedding, PatchReader, transposed
+from incremental import CachedByteLM, CachedStack, Head, NewestByteEmbedding, PatchPooler, PatchReader, transposed
 from patching import EOS_ID, OFFSET, detokenize, limit_patch_length, patch_starts, tokenize
 from options import SEED, THREADS, Parser, int_at_least, nonempty, number
 from plots import plot_entropies
@@ -63,6 +63,7 @@ class IncrementalBLT:
         self.entropy_model = CachedByteLM(em, B, capacity) if em is not None else None
         self.embed = NewestByteEmbedding(enc)
         self.encoder = CachedStack(enc.layers, enc.rope_theta, cfg.local_window, B, capacity)
+        self.pool = PatchPooler(enc)
         self.global_projection = transposed(g.input_projection) if g.input_projection is not None else None
         self.global_model = CachedStack(g.layers, g.rope_theta, None, B, max(16, capacity // 4))
         self.slots = transposed(dec.patch_projection)  # o_j -> its k slots for the decoder
@@ -130,11 +131,12 @@ class IncrementalBLT:
         which each row reads until its next patch completes."""
         t, starts = self.t, [self.patch_start[b] for b in rows]
         first = min(starts)
-        states = self.states[rows, first:t + 1]  # (R, n, D_E): the longest of the patches, and what precedes the others
-        device = states.device  # below: (R, n), True where a byte is not in its row's patch
-        before = torch.arange(first, t + 1, device=device) < torch.tensor(starts, device=device)[:, None]
-        n_pooled = 2 if max(starts) > first else 1  # bytes before a row's patch go to a second, unused patch
-        patches = self.model.encoder.pool(states, before.long(), n_pooled)[:, 0]  # (R, k * D_E)
+        if len(rows) == self.B and max(starts) == first:  # every row, one start (always for B = 1)
+            patches = self.pool(self.states[:, first:t + 1])  # (R, k * D_E)
+        else:  # the longest of the patches, and what precedes the others (masked)
+            device = self.states.device
+            before = torch.arange(first, t + 1, device=device) < torch.tensor(starts, device=device)[:, None]
+            patches = self.pool(self.states[rows, first:t + 1], before)
         x = patches @ self.global_projection if self.global_projection is not None else patches
         positions = [self.n_patches[b] for b in rows]
         if len(rows) == self.B and len(set(positions)) == 1:  # every row at the same patch (always for B = 1)
