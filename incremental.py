@@ -294,8 +294,9 @@ class PatchReader:
         torch.bmm(kv[1], self.wo, out=self.U[b].view(H, k, -1))
 
     def read(self, h: torch.Tensor) -> torch.Tensor:
-        """h: (B, D) -> the cross-attention output wo(attention) (B, D), without the residual."""
+        """h: (B, D) -> 2 h + wo(attention) (B, D): the residual and the released code's extra h (see
+        layers.CrossAttention) ride on the last product."""
         B, D = h.shape
         torch.bmm(self.A, normalise(h, self.query_eps).view(B, D, 1), out=self.scores)  # (B, H * k, 1)
         weights = self.scores.view(B, self.n_heads, self.k).softmax(dim=-1).view(B, 1, -1)
-        return torch.bmm(weights, self.U, out=self.out).view(B, D)
+        return torch.baddbmm(h.view(B, 1, D), weights, self.U, beta=2, out=self.out).view(B, D)

@@ -108,6 +108,8 @@ class IncrementalBLT:
         earliest of the rows' latest rule starts. (patch_starts forces starts at a tail's first two positions;
         a row whose own rule start is later overrides them.)"""
         cfg, t = self.cfg, self.t
+        if cfg.patching in ("entropy", "monotonic"):
+            return self._next_entropy_start()
         first = max(0, min(self.rule_start) - 1)
         entropies = self.entropy[:, first:t + 1] if self.entropy_model is not None else None
         rule = patch_starts(self.history[:, first:t + 1], cfg.patching, patch_size=int(cfg.patch_size),
@@ -124,6 +126,25 @@ class IncrementalBLT:
             self.rule_start[b] = t + 1
         self.is_start[:, t + 1] = starts
         return rows
+
+    def _next_entropy_start(self) -> list[int]:
+        """_next_start for the entropy rules, read off H[t] (and H[t-1]) directly: patching.py's
+        entropy_patch_starts and limit_patch_length at position t+1 alone, in as few small calls as possible
+        (tests/test_sample.py checks both against patching.py)."""
+        cfg, t = self.cfg, self.t
+        if t == 0:  # position 1 always starts a patch
+            rule = [True] * self.B
+        elif cfg.patching == "entropy":
+            rule = (self.entropy[:, t] > cfg.entropy_threshold).tolist()
+        else:  # monotonic: the same float32 difference as entropy_patch_starts
+            rule = (self.entropy[:, t] - self.entropy[:, t - 1] > cfg.entropy_threshold).tolist()
+        starts, L = [], cfg.max_patch_length
+        for b, r in enumerate(rule):
+            if r:
+                self.rule_start[b] = t + 1
+            starts.append(r or (L is not None and (t + 1 - self.rule_start[b]) % L == 0))
+        self.is_start[:, t + 1] = torch.tensor(starts)
+        return [b for b, s in enumerate(starts) if s]
 
     def _global_step(self, rows: list[int]):
         """The open patches of `rows` (row b's: positions patch_start[b]..t) are complete: pool them, run one
@@ -175,7 +196,7 @@ class IncrementalBLT:
         position = self.decoder.position(t)
         for i in range(len(self.decoder.layers)):
             if i < len(self.readers):
-                h = torch.add(self.readers[i].read(h), h, alpha=2)
+                h = self.readers[i].read(h)
             h = self.decoder.block(i, h, position)
         self.t += 1
         return self.head(h)
