@@ -12,9 +12,11 @@ incremental generator below does exactly that, one new byte at a time:
      shift of decoder.py: the latest complete patch is j-1 inside patch j, and j itself once j closes.
 
 The transformers take their steps through incremental.py (preallocated caches, fused projections), the
-decoder's cross-attention reads one patch's slots through incremental.PatchReader, and a row's patch decision
-looks only at the tail of its history that patching.py's rules can see; the hash n-grams, entropies, patch
-rules and pooling are the training code's own functions. A byte-level model (train.py --model byte) generates
+decoder's cross-attention reads one patch's slots through incremental.PatchReader, a closed patch is pooled
+through incremental.PatchPooler and the newest byte's hash n-grams come from incremental.NewestByteEmbedding;
+a row's patch decision looks only at the tail of its history that patching.py's rules can see (for the
+entropy rules, H[t] and H[t-1]). Entropies are the training code's own function; every shortcut computes what
+the training code computes, and tests/test_sample.py holds them to it. A byte-level model (train.py --model byte) generates
 the same way, one cached step per byte, for comparison (tools/bench_sample.py).
 
 `--naive` recomputes the entropy model and the whole BLT on the full prefix for every byte, as Meta's released
@@ -50,8 +52,8 @@ class IncrementalBLT:
 
     Local models (entropy, encoder, decoder) are batched. Patch boundaries differ between rows, so each row
     runs its global step only when its own patch completes (on its own rows of the global caches). The
-    transformers run through incremental.py; what decides what BLT computes (hash n-grams, entropies, patch
-    boundaries, pooling) is the training code's own functions.
+    transformers, hash n-grams and pooling run through incremental.py, which computes what the training
+    modules compute (tests/test_sample.py checks it).
     capacity: positions to allocate for at first (buffers double when full).
     """
 
