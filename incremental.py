@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from encoder import hash_ngram_ids
+from encoder import HASH_PRIMES
 from layers import RMSNorm, rope_cos_sin
 
 
@@ -194,11 +194,11 @@ class NewestByteEmbedding:
     """encoder.embed(window)[:, -1]: the newest byte's embedding plus its hash n-gram embeddings (paper section
     3.2.1), from window (B, N), the last N = max(n) ids (left-padded with 0 at the start of a sequence).
 
-    encoder.embed hashes every n-gram size separately (hash_ngram_ids once per n). Here one hash_ngram_ids call
-    per hash function does every size: the RollPolyHash of hash_ngram_ids' docstring,
-    sum_m g[m] * prime^m, gives the same value to g followed by zero ids, so the n-gram g of each size n is
-    laid out as a row of N ids, g then N - n zeros, and hashed as an N-gram. When the tables are small (up to
-    ONE_TABLE floats), a copy of them all, end to end, serves every lookup at once.
+    The RollPolyHash of encoder.hash_ngram_ids, sum_m g[m] * prime^m over the n-gram g ending at the newest
+    byte, is linear in the ids: for every hash function and size at once it is one int64 product
+    window @ P, with P[N - n + m, (f, n)] = prime_f^m (int64 products and sums wrap around the same way in
+    any order). Column 0 of P passes the newest id through for the byte table. When the tables are small (up
+    to ONE_TABLE floats), a copy of them all, end to end, serves every lookup and the sum in one call.
     """
     ONE_TABLE = 1 << 26
 
@@ -207,25 +207,59 @@ class NewestByteEmbedding:
         self.N = max(self.sizes, default=1)
         self.tables = [encoder.tok_embeddings.weight.detach()] + [t.weight.detach() for t in encoder.hash_embeddings]
         device = self.tables[0].device
-        index = torch.full((len(self.sizes), self.N), self.N)  # index N picks a zero id
-        for i, n in enumerate(self.sizes):
-            index[i, :n] = torch.arange(self.N - n, self.N)
-        self.index = index.to(device)
+        columns = [torch.zeros(self.N, dtype=torch.long).index_fill_(0, torch.tensor([self.N - 1]), 1)]
+        for f in range(self.functions):  # encoder.embed's order of tables: per function, per size
+            prime = torch.tensor(HASH_PRIMES[f % len(HASH_PRIMES)], dtype=torch.int64)
+            for n in self.sizes:
+                column = torch.zeros(self.N, dtype=torch.long)
+                column[self.N - n:] = prime ** torch.arange(n)  # as hash_ngram_ids computes its powers
+                columns.append(column)
+        self.powers = torch.stack(columns, dim=1).to(device)  # (N, tables)
+        # the byte column keeps its id (a modulus above any id), the hash columns wrap at buckets
+        self.modulus = torch.tensor([1 << 62] + [self.buckets] * (len(columns) - 1), device=device)
         self.table = None
         if sum(t.numel() for t in self.tables) <= self.ONE_TABLE:
             self.table = torch.cat(self.tables)  # table j's rows start at offsets[j]
             self.offsets = torch.tensor([0] + [len(t) for t in self.tables[:-1]], device=device).cumsum(0)
 
     def __call__(self, window: torch.Tensor) -> torch.Tensor:
-        B, S = window.shape[0], len(self.sizes)
-        ids = [window[:, -1:]]  # (B, 1) per table or group of tables, in encoder.embed's order
-        if S:
-            rows = F.pad(window, (0, 1))[:, self.index].view(B * S, self.N)  # (B * S, N)
-            ids += [hash_ngram_ids(rows, self.N, self.buckets, f)[:, -1].view(B, S) for f in range(self.functions)]
-        ids = torch.cat(ids, dim=1)  # (B, tables)
+        ids = torch.remainder(window @ self.powers, self.modulus)  # (B, tables), encoder.embed's order
         if self.table is not None:
-            return F.embedding(ids + self.offsets, self.table).sum(dim=1)
+            return F.embedding_bag(ids.add_(self.offsets), self.table, mode="sum")
         return torch.stack([F.embedding(i, table) for i, table in zip(ids.unbind(1), self.tables)]).sum(0)
+
+
+class PatchPooler:
+    """encoder.pool (the encoder's patch cross-attention, paper section 3.2.2) for one complete patch per row.
+
+    Its general form handles every patch of a sequence at once, scoring (byte, query) pairs through scatter
+    and index operations; here each row has one patch, so its k queries attend to the patch's bytes with one
+    dense attention call. pool(states (R, n, D), before (R, n) bool or None) -> (R, k * D), where before marks
+    the bytes (at the front) that precede a row's patch.
+    """
+
+    def __init__(self, encoder):
+        cross = encoder.cross_attn
+        self.k, self.n_heads, self.head_dim = encoder.k, cross.n_heads, cross.head_dim
+        self.projection = transposed(encoder.patch_projection)  # (D, k * D)
+        self.query_eps, self.kv_eps = epsilon(cross.query_norm), epsilon(cross.kv_norm)
+        self.wq = folded(cross.query_norm, cross.wq)  # (D, D)
+        self.wkv = folded(cross.kv_norm, cross.wk, cross.wv)  # (D, 2D)
+        self.wo = transposed(cross.wo)  # (D, D)
+
+    def __call__(self, states: torch.Tensor, before: torch.Tensor | None = None) -> torch.Tensor:
+        (R, n, D), H, Dh, k = states.shape, self.n_heads, self.head_dim, self.k
+        mask = None
+        if before is not None:
+            states_in = states.masked_fill(before[..., None], float("-inf"))  # amax over the patch's bytes only
+            mask = ~before[:, None, None, :]  # (R, 1, 1, n)
+        pooled = (states_in if before is not None else states).amax(dim=1)  # (R, D)
+        queries = (pooled @ self.projection).view(R * k, D)
+        q = (normalise(queries, self.query_eps) @ self.wq).view(R, k, H, Dh).transpose(1, 2)  # (R, H, k, Dh)
+        kv = (normalise(states, self.kv_eps) @ self.wkv).view(R, n, 2, H, Dh).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask)  # (R, H, k, Dh)
+        # released: 2 * queries + attention (layers.CrossAttention returns queries + attention)
+        return torch.addmm(queries, out.transpose(1, 2).reshape(R * k, D), self.wo, beta=2).view(R, k * D)
 
 
 class PatchReader:
@@ -260,8 +294,9 @@ class PatchReader:
         torch.bmm(kv[1], self.wo, out=self.U[b].view(H, k, -1))
 
     def read(self, h: torch.Tensor) -> torch.Tensor:
-        """h: (B, D) -> the cross-attention output wo(attention) (B, D), without the residual."""
+        """h: (B, D) -> 2 h + wo(attention) (B, D): the residual and the released code's extra h (see
+        layers.CrossAttention) ride on the last product."""
         B, D = h.shape
         torch.bmm(self.A, normalise(h, self.query_eps).view(B, D, 1), out=self.scores)  # (B, H * k, 1)
         weights = self.scores.view(B, self.n_heads, self.k).softmax(dim=-1).view(B, 1, -1)
-        return torch.bmm(weights, self.U, out=self.out).view(B, D)
+        return torch.baddbmm(h.view(B, 1, D), weights, self.U, beta=2, out=self.out).view(B, D)

@@ -12,9 +12,11 @@ incremental generator below does exactly that, one new byte at a time:
      shift of decoder.py: the latest complete patch is j-1 inside patch j, and j itself once j closes.
 
 The transformers take their steps through incremental.py (preallocated caches, fused projections), the
-decoder's cross-attention reads one patch's slots through incremental.PatchReader, and a row's patch decision
-looks only at the tail of its history that patching.py's rules can see; the hash n-grams, entropies, patch
-rules and pooling are the training code's own functions. A byte-level model (train.py --model byte) generates
+decoder's cross-attention reads one patch's slots through incremental.PatchReader, a closed patch is pooled
+through incremental.PatchPooler and the newest byte's hash n-grams come from incremental.NewestByteEmbedding;
+a row's patch decision looks only at the tail of its history that patching.py's rules can see (for the
+entropy rules, H[t] and H[t-1]). Entropies are the training code's own function; every shortcut computes what
+the training code computes, and tests/test_sample.py holds them to it. A byte-level model (train.py --model byte) generates
 the same way, one cached step per byte, for comparison (tools/bench_sample.py).
 
 `--naive` recomputes the entropy model and the whole BLT on the full prefix for every byte, as Meta's released
@@ -38,7 +40,7 @@ import torch.nn.functional as F
 from blt import BLT
 from checkpoint import CheckpointError, StorageError, load_checkpoint, os_reason
 from entropy_model import EntropyModel, entropy_from_logits
-from incremental import CachedByteLM, CachedStack, Head, NewestByteEmbedding, PatchReader, transposed
+from incremental import CachedByteLM, CachedStack, Head, NewestByteEmbedding, PatchPooler, PatchReader, transposed
 from patching import EOS_ID, OFFSET, detokenize, limit_patch_length, patch_starts, tokenize
 from options import SEED, THREADS, Parser, int_at_least, nonempty, number
 from plots import plot_entropies
@@ -50,8 +52,8 @@ class IncrementalBLT:
 
     Local models (entropy, encoder, decoder) are batched. Patch boundaries differ between rows, so each row
     runs its global step only when its own patch completes (on its own rows of the global caches). The
-    transformers run through incremental.py; what decides what BLT computes (hash n-grams, entropies, patch
-    boundaries, pooling) is the training code's own functions.
+    transformers, hash n-grams and pooling run through incremental.py, which computes what the training
+    modules compute (tests/test_sample.py checks it).
     capacity: positions to allocate for at first (buffers double when full).
     """
 
@@ -63,6 +65,7 @@ class IncrementalBLT:
         self.entropy_model = CachedByteLM(em, B, capacity) if em is not None else None
         self.embed = NewestByteEmbedding(enc)
         self.encoder = CachedStack(enc.layers, enc.rope_theta, cfg.local_window, B, capacity)
+        self.pool = PatchPooler(enc)
         self.global_projection = transposed(g.input_projection) if g.input_projection is not None else None
         self.global_model = CachedStack(g.layers, g.rope_theta, None, B, max(16, capacity // 4))
         self.slots = transposed(dec.patch_projection)  # o_j -> its k slots for the decoder
@@ -107,6 +110,8 @@ class IncrementalBLT:
         earliest of the rows' latest rule starts. (patch_starts forces starts at a tail's first two positions;
         a row whose own rule start is later overrides them.)"""
         cfg, t = self.cfg, self.t
+        if cfg.patching in ("entropy", "monotonic"):
+            return self._next_entropy_start()
         first = max(0, min(self.rule_start) - 1)
         entropies = self.entropy[:, first:t + 1] if self.entropy_model is not None else None
         rule = patch_starts(self.history[:, first:t + 1], cfg.patching, patch_size=int(cfg.patch_size),
@@ -124,17 +129,37 @@ class IncrementalBLT:
         self.is_start[:, t + 1] = starts
         return rows
 
+    def _next_entropy_start(self) -> list[int]:
+        """_next_start for the entropy rules, read off H[t] (and H[t-1]) directly: patching.py's
+        entropy_patch_starts and limit_patch_length at position t+1 alone, in as few small calls as possible
+        (tests/test_sample.py checks both against patching.py)."""
+        cfg, t = self.cfg, self.t
+        if t == 0:  # position 1 always starts a patch
+            rule = [True] * self.B
+        elif cfg.patching == "entropy":
+            rule = (self.entropy[:, t] > cfg.entropy_threshold).tolist()
+        else:  # monotonic: the same float32 difference as entropy_patch_starts
+            rule = (self.entropy[:, t] - self.entropy[:, t - 1] > cfg.entropy_threshold).tolist()
+        starts, L = [], cfg.max_patch_length
+        for b, r in enumerate(rule):
+            if r:
+                self.rule_start[b] = t + 1
+            starts.append(r or (L is not None and (t + 1 - self.rule_start[b]) % L == 0))
+        self.is_start[:, t + 1] = torch.tensor(starts)
+        return [b for b, s in enumerate(starts) if s]
+
     def _global_step(self, rows: list[int]):
         """The open patches of `rows` (row b's: positions patch_start[b]..t) are complete: pool them, run one
         global step for each row (together), and give the decoder's cross-attention the new outputs' slots,
         which each row reads until its next patch completes."""
         t, starts = self.t, [self.patch_start[b] for b in rows]
         first = min(starts)
-        states = self.states[rows, first:t + 1]  # (R, n, D_E): the longest of the patches, and what precedes the others
-        device = states.device  # below: (R, n), True where a byte is not in its row's patch
-        before = torch.arange(first, t + 1, device=device) < torch.tensor(starts, device=device)[:, None]
-        n_pooled = 2 if max(starts) > first else 1  # bytes before a row's patch go to a second, unused patch
-        patches = self.model.encoder.pool(states, before.long(), n_pooled)[:, 0]  # (R, k * D_E)
+        if len(rows) == self.B and max(starts) == first:  # every row, one start (always for B = 1)
+            patches = self.pool(self.states[:, first:t + 1])  # (R, k * D_E)
+        else:  # the longest of the patches, and what precedes the others (masked)
+            device = self.states.device
+            before = torch.arange(first, t + 1, device=device) < torch.tensor(starts, device=device)[:, None]
+            patches = self.pool(self.states[rows, first:t + 1], before)
         x = patches @ self.global_projection if self.global_projection is not None else patches
         positions = [self.n_patches[b] for b in rows]
         if len(rows) == self.B and len(set(positions)) == 1:  # every row at the same patch (always for B = 1)
@@ -173,7 +198,7 @@ class IncrementalBLT:
         position = self.decoder.position(t)
         for i in range(len(self.decoder.layers)):
             if i < len(self.readers):
-                h = torch.add(self.readers[i].read(h), h, alpha=2)
+                h = self.readers[i].read(h)
             h = self.decoder.block(i, h, position)
         self.t += 1
         return self.head(h)
