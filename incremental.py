@@ -223,7 +223,10 @@ class NewestByteEmbedding:
             self.offsets = torch.tensor([0] + [len(t) for t in self.tables[:-1]], device=device).cumsum(0)
 
     def __call__(self, window: torch.Tensor) -> torch.Tensor:
-        ids = torch.remainder(window @ self.powers, self.modulus)  # (B, tables), encoder.embed's order
+        if window.is_cuda:  # CUDA has no int64 matmul
+            ids = torch.remainder((window[:, :, None] * self.powers).sum(dim=1), self.modulus)
+        else:
+            ids = torch.remainder(window @ self.powers, self.modulus)  # (B, tables), encoder.embed's order
         if self.table is not None:
             return F.embedding_bag(ids.add_(self.offsets), self.table, mode="sum")
         return torch.stack([F.embedding(i, table) for i, table in zip(ids.unbind(1), self.tables)]).sum(0)
