@@ -1,6 +1,6 @@
 """Patches versus tokens: the paper's title experiment (figure 1, sections 5-6) at small scale, from one command.
 
-    python tools/experiments.py --study tokens                 # CPU preset (about 70 minutes on 2 idle cores)
+    python tools/experiments.py --study tokens                 # CPU preset (about 75 minutes on 2 idle cores)
     python tools/experiments.py --study tokens --preset gpu    # one GPU: larger models, enwik8
     python tools/experiments.py --study tokens --plan          # print the models and their FLOPs; train nothing
     python tools/patches_vs_tokens.py ...                      # the same, without the dispatcher
