@@ -223,10 +223,8 @@ class NewestByteEmbedding:
             self.offsets = torch.tensor([0] + [len(t) for t in self.tables[:-1]], device=device).cumsum(0)
 
     def __call__(self, window: torch.Tensor) -> torch.Tensor:
-        if window.is_cuda:  # CUDA has no int64 matmul
-            ids = torch.remainder((window[:, :, None] * self.powers).sum(dim=1), self.modulus)
-        else:
-            ids = torch.remainder(window @ self.powers, self.modulus)  # (B, tables), encoder.embed's order
+        # (B, N, 1) * (N, tables) summed over N: the product window @ P, which CUDA has no int64 kernel for
+        ids = torch.remainder((window[:, :, None] * self.powers).sum(dim=1), self.modulus)  # (B, tables)
         if self.table is not None:
             return F.embedding_bag(ids.add_(self.offsets), self.table, mode="sum")
         return torch.stack([F.embedding(i, table) for i, table in zip(ids.unbind(1), self.tables)]).sum(0)
@@ -252,11 +250,10 @@ class PatchPooler:
 
     def __call__(self, states: torch.Tensor, before: torch.Tensor | None = None) -> torch.Tensor:
         (R, n, D), H, Dh, k = states.shape, self.n_heads, self.head_dim, self.k
-        mask = None
-        if before is not None:
-            states_in = states.masked_fill(before[..., None], float("-inf"))  # amax over the patch's bytes only
-            mask = ~before[:, None, None, :]  # (R, 1, 1, n)
-        pooled = (states_in if before is not None else states).amax(dim=1)  # (R, D)
+        mask = None if before is None else ~before[:, None, None, :]  # (R, 1, 1, n)
+        if before is not None:  # amax over the patch's bytes only
+            states_in_patch = states.masked_fill(before[..., None], float("-inf"))
+        pooled = (states if before is None else states_in_patch).amax(dim=1)  # (R, D)
         queries = (pooled @ self.projection).view(R * k, D)
         q = (normalise(queries, self.query_eps) @ self.wq).view(R, k, H, Dh).transpose(1, 2)  # (R, H, k, Dh)
         kv = (normalise(states, self.kv_eps) @ self.wkv).view(R, n, 2, H, Dh).permute(2, 0, 3, 1, 4)
