@@ -370,12 +370,15 @@ def report(plan: dict, runs: dict, noise: dict, s: dict, seeds: list[int], patch
 
 def fill_markers(doc: Path, text: str):
     """Rewrite the part of `doc` between DOC_START and DOC_END with `text` (a new page if doc is missing)."""
-    body = doc.read_text() if doc.exists() else f"# Patches versus tokens\n\n{DOC_START}\n{DOC_END}\n"
-    if DOC_START in body and DOC_END in body:
+    try:
+        body = doc.read_text() if doc.exists() else f"# Patches versus tokens\n\n{DOC_START}\n{DOC_END}\n"
+        if DOC_START not in body or DOC_END not in body:
+            print(f"warning: {doc} has no {DOC_START} ... {DOC_END} markers; left as it is", file=sys.stderr)
+            return
         before, rest = body.split(DOC_START, 1)
         doc.write_text(before + DOC_START + "\n" + text + "\n" + DOC_END + rest.split(DOC_END, 1)[1])
-    else:
-        print(f"warning: {doc} has no {DOC_START} ... {DOC_END} markers; left as it is", file=sys.stderr)
+    except (OSError, UnicodeDecodeError) as e:  # the tables are in OUT/results.md already
+        sys.exit(f"error: cannot rewrite {doc}: {getattr(e, 'strerror', None) or e}")
 
 
 def main(argv=None):
