@@ -69,14 +69,16 @@ class LocalDecoder(nn.Module):
         D, k = h.shape[-1], self.k
         slots = self.patch_projection(global_out).view(B, P * k, D)  # (B, P*k, D): slot j of o_p at p*k + j
         # --- solution: stage 6: each byte reads the k slots of its decoder patch (paper §3.3) ---
-        slot_patch = torch.arange(P, device=h.device).repeat_interleave(k)  # (P*k,)
-        cross_mask = (dec_patch_ids[:, :, None] == slot_patch[None, None, :])[:, None]  # (B, 1, T, P*k)
+        # The mask (T, P*k) would allow byte t to read slot p*k + j only if p = dec_patch_ids[t]: each byte
+        # reads exactly k slots, so those are listed instead and only they are scored.
+        read = dec_patch_ids[..., None] * k + torch.arange(k, device=h.device)  # (B, T, k)
+        pairs = (read, torch.ones_like(read, dtype=torch.bool))
         # --- end solution ---
         cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, compute_dtype(h))  # (T, Dh)
         mask = None if caches else causal_mask(positions, positions, self.window)  # (1, 1, T, T)
         for i, layer in enumerate(self.layers):
             if i < len(self.cross_attn):
-                # each byte may read k slots: attention gathers those k instead of scoring all P*k
-                h = h + self.cross_attn[i](h, slots, cross_mask, keys_per_query=k)  # released: 2h + attn (§3.3: h + attn)
+                # each byte reads k slots: attention gathers those k instead of scoring all P*k
+                h = h + self.cross_attn[i](h, slots, None, keys_per_query=k, pairs=pairs)  # released: 2h + attn (§3.3: h + attn)
             h = layer(h, mask, cos, sin, caches[i] if caches else None, positions)
         return self.output(self.norm(h))  # (B, T, V)

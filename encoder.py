@@ -98,10 +98,11 @@ class LocalEncoder(nn.Module):
         index = patch_ids[..., None].expand(B, T, D)
         pooled = h.new_zeros(B, P, D).scatter_reduce(1, index, h, reduce="amax", include_self=False)  # (B, P, D)
         queries = self.patch_projection(pooled).view(B, P * k, D)  # (B, P*k, D): slot j of patch p at p*k + j
-        query_patch = torch.arange(P, device=h.device).repeat_interleave(k)  # (P*k,)
-        mask = (query_patch[None, :, None] == patch_ids[:, None, :])[:, None]  # (B, 1, P*k, T): own bytes only
-        # a byte is read by the k queries of its patch only: attention scores just those pairs
-        patches = queries + self.cross_attn(queries, h, mask, queries_per_key=k)  # released: 2 * queries + attn
+        # The mask (P*k, T) would allow query p*k + j to read byte t only if t is in patch p: each byte is read
+        # by the k queries of its own patch, so those are listed instead and only those pairs are scored.
+        readers = patch_ids[..., None] * k + torch.arange(k, device=h.device)  # (B, T, k)
+        pairs = (readers, torch.ones_like(readers, dtype=torch.bool))
+        patches = queries + self.cross_attn(queries, h, None, queries_per_key=k, pairs=pairs)  # released: 2q + attn
         return patches.view(B, P, k * D)
         # --- end solution ---
 

@@ -143,6 +143,13 @@ def few_allowed(mask: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]
     return index[..., :n], allowed[..., :n].bool()
 
 
+def mask_from_pairs(index: torch.Tensor, allowed: torch.Tensor, n_columns: int) -> torch.Tensor:
+    """The bool mask (..., R, n_columns) whose True entries are the allowed pairs (index, allowed): (..., R, n),
+    as few_allowed returns them. For the dense reference path."""
+    hits = torch.zeros(*index.shape[:-1], n_columns, dtype=torch.uint8, device=index.device)
+    return hits.scatter_add_(-1, index, allowed.to(torch.uint8)) > 0
+
+
 def _rows(index: torch.Tensor, n_rows: int) -> torch.Tensor:
     """index: (B, T, n) row numbers within each batch element -> (B*T*n,) rows of the flattened (B*n_rows)."""
     return (index + n_rows * torch.arange(index.shape[0], device=index.device)[:, None, None]).flatten()
@@ -320,8 +327,9 @@ class CrossAttention(nn.Module):
         self.wv = nn.Linear(dim, dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, queries: torch.Tensor, keys_values: torch.Tensor, mask: torch.Tensor,
-                keys_per_query: int | None = None, queries_per_key: int | None = None) -> torch.Tensor:
+    def forward(self, queries: torch.Tensor, keys_values: torch.Tensor, mask: torch.Tensor | None,
+                keys_per_query: int | None = None, queries_per_key: int | None = None,
+                pairs: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """queries: (B, T, D), keys_values: (B, S, D), mask: (B or 1, 1, T, S) bool -> (B, T, D).
 
         By default dense masked attention (`attend`, the reference). keys_per_query=n promises that every
@@ -329,20 +337,29 @@ class CrossAttention(nn.Module):
         queries_per_key=n that every mask column allows at most n queries (the encoder: a byte is read by
         the k queries of its patch). Then only the allowed pairs are scored, with the same result; a mask
         that breaks the promise gets the dense path.
+
+        pairs=(index, allowed) lists the allowed pairs directly, as few_allowed would find them in the mask
+        (each (B, T, n) with keys_per_query, (B, S, n) with queries_per_key): the encoder and the decoder
+        know them from patch ids, so they build no (T, S) mask at all (mask=None; the dense path, kept as
+        the reference, rebuilds it from the pairs).
         """
         B, T, D = queries.shape
         S, H, Dh = keys_values.shape[1], self.n_heads, self.head_dim
         q = self.wq(self.query_norm(queries)).view(B, T, H, Dh)
         kv = self.kv_norm(keys_values)
         k, v = self.wk(kv).view(B, S, H, Dh), self.wv(kv).view(B, S, H, Dh)
-        mask = mask.expand(B, 1, T, S)[:, 0]  # (B, T, S)
-        few = None  # (index, allowed), each (B, T, n) for keys_per_query, (B, S, n) for queries_per_key
+        if mask is not None:
+            mask = mask.expand(B, 1, T, S)[:, 0]  # (B, T, S)
+        out = None
         if keys_per_query is not None:
-            few = few_allowed(mask, keys_per_query)  # each query's keys
+            few = pairs or few_allowed(mask, keys_per_query)  # each query's keys
             out = attend_few_keys(q, k, v, *few) if few else None
         elif queries_per_key is not None:
-            few = few_allowed(mask.transpose(1, 2), queries_per_key)  # each key's queries
+            few = pairs or few_allowed(mask.transpose(1, 2), queries_per_key)  # each key's queries
             out = attend_few_queries(q, k, v, *few) if few else None
-        if few is None:  # dense: every (query, key) pair scored, the forbidden ones masked
+        if out is None:  # dense: every (query, key) pair scored, the forbidden ones masked
+            if mask is None:
+                mask = mask_from_pairs(*pairs, S if keys_per_query is not None else T)
+                mask = mask if keys_per_query is not None else mask.transpose(1, 2)
             out = attend(*(x.transpose(1, 2) for x in (q, k, v)), mask[:, None]).transpose(1, 2)  # (B, T, H, Dh)
         return self.wo(out.reshape(B, T, D)) + queries

@@ -7,6 +7,7 @@ import torch
 
 from blt import cpu_tiny
 from decoder import LocalDecoder, decoder_patch_ids
+from layers import mask_from_pairs
 from patching import patch_ids_from_lengths
 
 pytestmark = pytest.mark.stage6
@@ -58,17 +59,19 @@ def small_decoder(k: int = 2) -> LocalDecoder:
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_cross_attention_mask(k):
     """Byte i attends to the k slots of global output dec_ids[i] and to nothing else. Slot j of o_p is key
-    p*k + j (the layout of `slots` in LocalDecoder.forward)."""
+    p*k + j (the layout of `slots` in LocalDecoder.forward). The decoder lists those pairs (keys_per_query,
+    pairs) instead of building the mask; as a mask they must be exactly this one."""
     dec = small_decoder(k)
     lengths = torch.tensor([[1, 3, 4, 1], [1, 2, 5, 1]])
     dec_ids = decoder_patch_ids(lengths, 8)
     seen = []
-    dec.cross_attn[0].register_forward_pre_hook(lambda module, args: seen.append(args[2]))
+    dec.cross_attn[0].register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs), with_kwargs=True)
     logits = dec(torch.randn(2, 8, 16), torch.randn(2, 4, 24), dec_ids, torch.arange(8))
     assert logits.shape == (2, 8, 260)
     slot_patch = torch.arange(4 * k) // k  # (P*k,)
-    want = (dec_ids[:, :, None] == slot_patch[None, None, :])[:, None]  # (B, 1, T, P*k)
-    assert seen[0].dtype == torch.bool and torch.equal(seen[0].expand_as(want), want)
+    want = dec_ids[:, :, None] == slot_patch[None, None, :]  # (B, T, P*k)
+    assert seen[0]["keys_per_query"] == k
+    assert torch.equal(mask_from_pairs(*seen[0]["pairs"], 4 * k), want)
 
 
 @torch.no_grad()

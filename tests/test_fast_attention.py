@@ -9,7 +9,7 @@ import layers
 from blt import BLT, BLTConfig
 from decoder import decoder_patch_ids
 from layers import (CrossAttention, KVCache, TransformerBlock, attend, attend_sliding_window, causal_mask,
-                    few_allowed, rope_cos_sin)
+                    few_allowed, mask_from_pairs, rope_cos_sin)
 from patching import patch_ids_from_lengths, tokenize
 
 ATOL = 1e-5
@@ -114,6 +114,42 @@ def test_few_allowed_pads_short_rows_with_forbidden_columns():
     assert set(index[0].tolist()) == {0, 3} and index[1, 0] == 2
 
 
+def test_mask_from_pairs_inverts_few_allowed():
+    torch.manual_seed(0)
+    mask = torch.rand(3, 8, 11) > 0.75
+    mask[0, 2] = False  # a row with nothing allowed
+    n = int(mask.sum(-1).max())
+    assert torch.equal(mask_from_pairs(*few_allowed(mask, n), 11), mask)
+    assert torch.equal(mask_from_pairs(*few_allowed(mask, n + 2), 11), mask)  # padded with forbidden columns
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_encoder_and_decoder_list_exactly_the_pairs_of_their_masks(k, monkeypatch):
+    """The encoder and decoder build no cross-attention mask: they list each byte's k queries (encoder) or
+    k slots (decoder). Those lists must allow exactly what the masks of the paper allow (encoder_mask and
+    decoder_mask above): on a ragged batch with padding patches and patches without bytes."""
+    model = small_blt(cross_attn_k=k)
+    B, T = 3, 23
+    lengths = ragged_lengths(B, T, seed=k)
+    seen = []
+    forward = CrossAttention.forward
+
+    def spy(self, queries, keys_values, mask, keys_per_query=None, queries_per_key=None, pairs=None):
+        seen.append((self, keys_values.shape[1], queries.shape[1], keys_per_query, queries_per_key, pairs))
+        return forward(self, queries, keys_values, mask, keys_per_query, queries_per_key, pairs)
+    monkeypatch.setattr(CrossAttention, "forward", spy)
+    model(torch.randint(0, 256, (B, T)), patch_lengths=lengths)
+    encoder_calls = [c for c in seen if c[0] is model.encoder.cross_attn]
+    decoder_calls = [c for c in seen if c[0] in list(model.decoder.cross_attn)]
+    assert len(encoder_calls) == 1 and len(decoder_calls) == len(model.decoder.cross_attn)
+    _, S, Q, per_query, per_key, pairs = encoder_calls[0]
+    assert per_key == k and per_query is None and pairs[0].shape == (B, T, k)
+    assert torch.equal(mask_from_pairs(*pairs, Q).transpose(1, 2), encoder_mask(lengths, T, k)[:, 0])
+    for _, S, Q, per_query, per_key, pairs in decoder_calls:
+        assert per_query == k and per_key is None and pairs[0].shape == (B, T, k)
+        assert torch.equal(mask_from_pairs(*pairs, S), decoder_mask(lengths, T, k)[:, 0])
+
+
 # ---- sliding-window self-attention ----
 
 @pytest.mark.parametrize("window, T", [(4, 3), (4, 7), (3, 13), (4, 17), (4, 32), (8, 45)])
@@ -203,7 +239,8 @@ def test_whole_model_fast_paths_match_dense(k, monkeypatch):
         return logits, grads
 
     fast = run()
-    monkeypatch.setattr(layers, "few_allowed", lambda mask, n: None)
+    monkeypatch.setattr(layers, "attend_few_keys", lambda *args: None)  # the dense path, its mask from the pairs
+    monkeypatch.setattr(layers, "attend_few_queries", lambda *args: None)
     monkeypatch.setattr(layers, "attend_sliding_window", lambda *args: None)
     assert_same(fast, run())
 

@@ -11,6 +11,11 @@ section 4.5 (blt.flops_per_byte; for BLT plus the entropy model's forward pass),
 models; the peak is the best square-matmul rate measured on the same device and dtype. Each measurement runs
 in a fresh process so that its peak memory (resident set on CPU, allocator peak on GPU) is its own.
 
+The line "achieved FLOP/s, blt / byte transformer" is the number to quote: how much of its FLOP saving per
+byte BLT turns into wall-clock saving. A shared machine's load comes and goes, which skews a ratio of two
+runs made one after the other, so that line measures it again in one more process where BLT and the byte
+transformer take turns, step by step (and also prints the ratio of the separate rows, for comparison).
+
 One more row times BLT in bf16 with torch.compile switched from the preset's choice (compiled on CPU, eager
 on GPU), and a last line gives compiled against eager step time, the first step (mostly compilation) and
 how many graphs were compiled for the patch counts seen: one, since the patch dimension is dynamic
@@ -57,79 +62,105 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) 
     return best
 
 
-def measure(preset_name: str, model_kind: str, dtype: str, steps: int, compiled: bool | None = None,
-            device: str | None = None, backend: str = "inductor", max_seconds: float | None = None) -> dict:
-    """Time `steps` training steps of one model of one preset (in this process), or fewer if they take over
-    max_seconds. compiled: torch.compile the model with `backend` (default: as the preset does, on CUDA only);
-    device: default cuda for the gpu preset, else cpu."""
-    import train
-    from blt import BLT
-    from data import get_batch
-    from patching import calibrate_threshold
+class Trainer:
+    """One model of one preset set up for timing: step(i) runs training step i on random bytes (batch, forward,
+    backward, clipping, AdamW) and returns its seconds. compiled: torch.compile the model with `backend`
+    (default: as the preset does, on CUDA only); device: default cuda for the gpu preset, else cpu."""
 
-    device = torch.device(device or ("cuda" if preset_name == "gpu" else "cpu"))
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    preset = train.PRESETS[preset_name]
-    tc = train.TrainConfig(**{**preset["entropy_train" if model_kind == "entropy" else "train"], "dtype": dtype})
-    torch.manual_seed(0)
-    blt_cfg = BLTConfig.from_dict(preset["blt"].to_dict())
-    if model_kind == "entropy":
-        config = ByteLMConfig.of_blt(blt_cfg)
-        model, kind = config.build(), "entropy"
-    elif model_kind == "byte":
-        config, kind = preset["byte"], "byte"
-        model = config.build()
-    else:
-        config, kind = blt_cfg, "blt"
-        model = BLT(config)
-    corpus = np.random.default_rng(0).integers(0, 256, size=1 << 22, dtype=np.uint8)
-    model.to(device)
-    if kind == "blt":  # an untrained entropy model, its threshold calibrated to the preset's patch size
-        x, _ = get_batch(corpus, tc.batch_size, tc.seq_len, 0, 10 ** 6)
-        config.entropy_threshold = calibrate_threshold(model.entropy_model.entropies(x.to(device)).cpu(), config.patch_size)
-    compiled = preset["compile"] and device.type == "cuda" if compiled is None else compiled
-    task = train.Task(kind, model, config, tc, device, compile_model=compiled)
-    task.prepare(backend)
-    optimizer = train.make_optimizer(model, tc, device)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    times, patch_sizes, patch_counts = [], [], set()
-    patch = task.patch
+    def __init__(self, preset_name: str, model_kind: str, dtype: str, compiled: bool | None = None,
+                 device: str | None = None, backend: str = "inductor"):
+        import train
+        from blt import BLT
+        from data import get_batch
+        from patching import calibrate_threshold
 
-    def recorded_patch(x):  # the patch counts the model sees (padded when compiled), and the first batch's patch size
-        lengths = patch(x)
-        patch_counts.add(lengths.shape[1])
-        if not patch_sizes:
-            patch_sizes.append(float(lengths.sum()) / float((lengths > 0).sum()))
-        return lengths
-    task.patch = recorded_patch
-    graphs_before = compiled_graphs()
-    for i in range(steps + 2):  # the first two steps warm up (allocations, compilation)
-        if i >= 3 and max_seconds is not None and sum(times) > max_seconds:
-            break
+        self.device = device = torch.device(device or ("cuda" if preset_name == "gpu" else "cpu"))
         if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        preset = train.PRESETS[preset_name]
+        self.tc = tc = train.TrainConfig(**{**preset["entropy_train" if model_kind == "entropy" else "train"],
+                                            "dtype": dtype})
+        torch.manual_seed(0)
+        blt_cfg = BLTConfig.from_dict(preset["blt"].to_dict())
+        if model_kind == "entropy":
+            config = ByteLMConfig.of_blt(blt_cfg)
+            model, kind = config.build(), "entropy"
+        elif model_kind == "byte":
+            config, kind = preset["byte"], "byte"
+            model = config.build()
+        else:
+            config, kind = blt_cfg, "blt"
+            model = BLT(config)
+        self.kind, self.config, self.get_batch = kind, config, get_batch
+        self.corpus = np.random.default_rng(0).integers(0, 256, size=1 << 22, dtype=np.uint8)
+        model.to(device)
+        if kind == "blt":  # an untrained entropy model, its threshold calibrated to the preset's patch size
+            x, _ = get_batch(self.corpus, tc.batch_size, tc.seq_len, 0, 10 ** 6)
+            config.entropy_threshold = calibrate_threshold(model.entropy_model.entropies(x.to(device)).cpu(),
+                                                           config.patch_size)
+        self.compiled = preset["compile"] and device.type == "cuda" if compiled is None else compiled
+        self.task = task = train.Task(kind, model, config, tc, device, compile_model=self.compiled)
+        task.prepare(backend)
+        self.optimizer = train.make_optimizer(model, tc, device)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.patch_sizes, self.patch_counts = [], set()
+        patch = task.patch
+
+        def recorded_patch(x):  # the patch counts the model sees (padded when compiled), and the first patch size
+            lengths = patch(x)
+            self.patch_counts.add(lengths.shape[1])
+            if not self.patch_sizes:
+                self.patch_sizes.append(float(lengths.sum()) / float((lengths > 0).sum()))
+            return lengths
+        task.patch = recorded_patch
+
+    def step(self, i: int) -> float:
+        tc = self.tc
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        x, y = get_batch(corpus, tc.batch_size, tc.seq_len, 0, i)
-        loss = task.loss(x, y)
-        optimizer.zero_grad(set_to_none=True)
+        x, y = self.get_batch(self.corpus, tc.batch_size, tc.seq_len, 0, i)
+        loss = self.task.loss(x, y)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-        optimizer.step()
-        loss.item()
+        torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip)
+        self.optimizer.step()
+        loss.item()  # waits for the device
+        return time.perf_counter() - t0
+
+    @property
+    def bytes_per_step(self) -> int:
+        return self.tc.batch_size * self.tc.seq_len
+
+    def flops_per_byte(self) -> float:
+        """Training FLOPs per byte (paper section 4.5); BLT's include the entropy model's patching forward."""
+        config, seq_len = self.config, self.tc.seq_len
+        if self.kind == "blt":
+            f = flops_per_byte(config, self.patch_sizes[0], seq_len)
+            return f["train_total"] + f["entropy_model_forward"]
+        return byte_transformer_flops_per_byte(config.dim, config.layers, min(config.window or seq_len, seq_len),
+                                               config.multiple_of)["train_total"]
+
+
+def measure(preset_name: str, model_kind: str, dtype: str, steps: int, compiled: bool | None = None,
+            device: str | None = None, backend: str = "inductor", max_seconds: float | None = None) -> dict:
+    """Time `steps` training steps of one model of one preset (in this process), after two warm-up steps
+    (allocations, compilation), or fewer if they take over max_seconds. compiled, device, backend: as Trainer."""
+    graphs_before = compiled_graphs()
+    trainer = Trainer(preset_name, model_kind, dtype, compiled, device, backend)
+    times = []
+    for i in range(steps + 2):
+        if i >= 3 and max_seconds is not None and sum(times) > max_seconds:
+            break
+        seconds = trainer.step(i)
         if i == 0:
-            first_step, graphs_first_step = time.perf_counter() - t0, compiled_graphs() - graphs_before
+            first_step, graphs_first_step = seconds, compiled_graphs() - graphs_before
         if i >= 2:
-            times.append(time.perf_counter() - t0)
+            times.append(seconds)
     step_time = float(np.median(times))
-    bytes_per_s = tc.batch_size * tc.seq_len / step_time
-    if kind == "blt":
-        f = flops_per_byte(config, patch_sizes[0], tc.seq_len)
-        flops = f["train_total"] + f["entropy_model_forward"]
-    else:
-        flops = byte_transformer_flops_per_byte(config.dim, config.layers, min(config.window or tc.seq_len, tc.seq_len),
-                                                config.multiple_of)["train_total"]
-    if device.type == "cuda":
+    bytes_per_s = trainer.bytes_per_step / step_time
+    flops = trainer.flops_per_byte()
+    if trainer.device.type == "cuda":
         peak_memory = torch.cuda.max_memory_allocated()
     else:
         import resource
@@ -137,15 +168,34 @@ def measure(preset_name: str, model_kind: str, dtype: str, steps: int, compiled:
     return {"preset": preset_name, "model": model_kind, "dtype": dtype, "bytes_per_s": bytes_per_s,
             "flops_per_s": flops * bytes_per_s, "mflop_per_byte": flops / 1e6,
             "step_s": step_time, "peak_memory": peak_memory, "threads": torch.get_num_threads(),
-            "batch": f"{tc.batch_size}x{tc.seq_len}", "patch_size": patch_sizes[0] if patch_sizes else None,
-            "compiled": compiled, "first_step_s": first_step, "timed_steps": len(times),
+            "batch": f"{trainer.tc.batch_size}x{trainer.tc.seq_len}",
+            "patch_size": trainer.patch_sizes[0] if trainer.patch_sizes else None,
+            "compiled": trainer.compiled, "first_step_s": first_step, "timed_steps": len(times),
             "graphs": compiled_graphs() - graphs_before, "graphs_first_step": graphs_first_step,
-            "patch_counts": sorted(patch_counts)}
+            "patch_counts": sorted(trainer.patch_counts)}
+
+
+def alternate(preset_name: str, dtype: str, steps: int, compiled: bool | None = None) -> dict:
+    """BLT and the byte-level transformer in one process, step for step in turn (BLT, byte, BLT, ...), so that
+    both see the same load on a shared machine: their achieved FLOP/s ratio, from median step times."""
+    trainers = {kind: Trainer(preset_name, kind, dtype, compiled) for kind in ("blt", "byte")}
+    times = {kind: [] for kind in trainers}
+    for i in range(steps + 2):
+        for kind, trainer in trainers.items():
+            seconds = trainer.step(i)
+            if i >= 2:  # two warm-up steps each
+                times[kind].append(seconds)
+    flops_per_s = {kind: t.flops_per_byte() * t.bytes_per_step / float(np.median(times[kind]))
+                   for kind, t in trainers.items()}
+    return {"dtype": dtype, "ratio": flops_per_s["blt"] / flops_per_s["byte"], "steps": steps,
+            "flops_per_s": flops_per_s}
 
 
 def run_child(preset: str, model: str, dtype: str, steps: int, compiled: bool) -> dict:
-    """measure() in a fresh process (its own peak memory, its own compilation); raises with its last error line."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--one", preset, model, dtype, "--steps", str(steps),
+    """measure() in a fresh process (its own peak memory, its own compilation), or alternate() for model
+    "pair"; raises with its last error line."""
+    mode = ["--pair", preset, dtype] if model == "pair" else ["--one", preset, model, dtype]
+    cmd = [sys.executable, os.path.abspath(__file__), *mode, "--steps", str(steps),
            "--compile" if compiled else "--no-compile"]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
@@ -161,9 +211,16 @@ def main(argv=None):
                    help="also time BLT (bf16) with torch.compile switched from the preset's choice: compiled "
                         "against eager (default on; compiling takes minutes on a small CPU)")
     p.add_argument("--one", nargs=3, metavar=("PRESET", "MODEL", "DTYPE"), help=argparse.SUPPRESS)  # a child run
+    p.add_argument("--pair", nargs=2, metavar=("PRESET", "DTYPE"), help=argparse.SUPPRESS)  # a child run
     args = p.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        p.error("--steps must be at least 1")
     if args.one:
         print(json.dumps(measure(*args.one, steps=args.steps or 5, compiled=args.compile)))  # None: the preset's
+        return
+    if args.pair:
+        compiled = args.compile if args.compile is not None else None
+        print(json.dumps(alternate(*args.pair, steps=args.steps or 5, compiled=compiled)))
         return
     presets = args.preset or (["cpu", "gpu"] if torch.cuda.is_available() else ["cpu"])
     for preset in presets:
@@ -179,9 +236,8 @@ def main(argv=None):
         preset_compiles = device.type == "cuda"  # as train.py: the gpu preset compiles, the cpu preset does not
         rows = [(model, dtype, preset_compiles) for model in ("entropy", "blt", "byte") for dtype in ("bf16", "fp32")]
         rows += [("blt", "bf16", not preset_compiles)] if args.compile is not False else []
-        results = {}
+        results, steps = {}, args.steps or (20 if device.type == "cuda" else 5)
         for model, dtype, compiled in rows:
-            steps = args.steps or (20 if device.type == "cuda" else 5)
             try:
                 r = results[model, dtype, compiled] = run_child(preset, model, dtype, steps, compiled)
             except RuntimeError as e:
@@ -197,8 +253,17 @@ def main(argv=None):
                 print(f"bf16 / fp32 training speed, {model}: {bf16['bytes_per_s'] / fp32['bytes_per_s']:.2f}x")
         for dtype in ("bf16", "fp32"):  # the FLOP saving reaches the clock only as far as this ratio allows
             blt, byte = results.get(("blt", dtype, preset_compiles)), results.get(("byte", dtype, preset_compiles))
-            if blt and byte:
-                print(f"achieved FLOP/s, blt / byte transformer, {dtype}: {blt['flops_per_s'] / byte['flops_per_s']:.2f}")
+            if not (blt and byte):
+                continue
+            # the rows above ran one after the other; a load that comes and goes skews their ratio, so it is
+            # measured again with the two models taking turns, step by step, in one process
+            try:
+                paired = run_child(preset, "pair", dtype, steps, preset_compiles)["ratio"]
+                paired = f"{paired:.2f} taking turns step by step in one process ({steps} steps each), "
+            except RuntimeError as e:
+                paired = f"(taking turns failed: {e}) "
+            print(f"achieved FLOP/s, blt / byte transformer, {dtype}: {paired}"
+                  f"{blt['flops_per_s'] / byte['flops_per_s']:.2f} from the rows above")
         compiled, eager = results.get(("blt", "bf16", True)), results.get(("blt", "bf16", False))
         if compiled and eager:
             print(f"torch.compile, blt bf16: {compiled['step_s']:.3f} s/step compiled, {eager['step_s']:.3f} eager: "
