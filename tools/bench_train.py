@@ -11,10 +11,11 @@ section 4.5 (blt.flops_per_byte; for BLT plus the entropy model's forward pass),
 models; the peak is the best square-matmul rate measured on the same device and dtype. Each measurement runs
 in a fresh process so that its peak memory (resident set on CPU, allocator peak on GPU) is its own.
 
-The line "achieved FLOP/s, blt / byte transformer" is the number to quote: how much of its FLOP saving per
-byte BLT turns into wall-clock saving. A shared machine's load comes and goes, which skews a ratio of two
-runs made one after the other, so that line measures it again in one more process where BLT and the byte
-transformer take turns, step by step (and also prints the ratio of the separate rows, for comparison).
+The last lines give the ratios to quote: BLT's bf16 speed over its fp32 speed, and "achieved FLOP/s, blt /
+byte transformer", how much of its FLOP saving per byte BLT turns into wall-clock saving. A shared machine's
+load comes and goes, which skews the ratio of two runs made one after the other, so they are measured again
+in one more process where BLT and the byte transformer, in bf16 and in fp32, take turns step by step; the
+ratios of the separate rows follow, for comparison.
 
 One more row times BLT in bf16 with torch.compile switched from the preset's choice (compiled on CPU, eager
 on GPU), and a last line gives compiled against eager step time, the first step (mostly compilation) and
@@ -175,26 +176,26 @@ def measure(preset_name: str, model_kind: str, dtype: str, steps: int, compiled:
             "patch_counts": sorted(trainer.patch_counts)}
 
 
-def alternate(preset_name: str, dtype: str, steps: int, compiled: bool | None = None) -> dict:
-    """BLT and the byte-level transformer in one process, step for step in turn (BLT, byte, BLT, ...), so that
-    both see the same load on a shared machine: their achieved FLOP/s ratio, from median step times."""
-    trainers = {kind: Trainer(preset_name, kind, dtype, compiled) for kind in ("blt", "byte")}
-    times = {kind: [] for kind in trainers}
+def alternate(preset_name: str, specs: list[str], steps: int, compiled: bool | None = None) -> dict:
+    """Several models in one process, step for step in turn (for "blt:bf16", "byte:bf16": BLT, byte, BLT,
+    byte, ...), so that all see the same load on a shared machine. specs: "MODEL:DTYPE" each. Returns per
+    spec the median step time and the achieved FLOP/s."""
+    trainers = {spec: Trainer(preset_name, *spec.split(":"), compiled) for spec in specs}
+    times = {spec: [] for spec in specs}
     for i in range(steps + 2):
-        for kind, trainer in trainers.items():
+        for spec, trainer in trainers.items():
             seconds = trainer.step(i)
             if i >= 2:  # two warm-up steps each
-                times[kind].append(seconds)
-    flops_per_s = {kind: t.flops_per_byte() * t.bytes_per_step / float(np.median(times[kind]))
-                   for kind, t in trainers.items()}
-    return {"dtype": dtype, "ratio": flops_per_s["blt"] / flops_per_s["byte"], "steps": steps,
-            "flops_per_s": flops_per_s}
+                times[spec].append(seconds)
+    step_s = {spec: float(np.median(t)) for spec, t in times.items()}
+    return {spec: {"step_s": step_s[spec], "flops_per_s": t.flops_per_byte() * t.bytes_per_step / step_s[spec]}
+            for spec, t in trainers.items()}
 
 
 def run_child(preset: str, model: str, dtype: str, steps: int, compiled: bool) -> dict:
-    """measure() in a fresh process (its own peak memory, its own compilation), or alternate() for model
-    "pair"; raises with its last error line."""
-    mode = ["--pair", preset, dtype] if model == "pair" else ["--one", preset, model, dtype]
+    """measure() in a fresh process (its own peak memory, its own compilation), or, for model "turns",
+    alternate() over the specs in dtype ("blt:bf16,byte:bf16"); raises with its last error line."""
+    mode = ["--turns", preset, dtype] if model == "turns" else ["--one", preset, model, dtype]
     cmd = [sys.executable, os.path.abspath(__file__), *mode, "--steps", str(steps),
            "--compile" if compiled else "--no-compile"]
     result = subprocess.run(cmd, capture_output=True, text=True)
@@ -211,16 +212,16 @@ def main(argv=None):
                    help="also time BLT (bf16) with torch.compile switched from the preset's choice: compiled "
                         "against eager (default on; compiling takes minutes on a small CPU)")
     p.add_argument("--one", nargs=3, metavar=("PRESET", "MODEL", "DTYPE"), help=argparse.SUPPRESS)  # a child run
-    p.add_argument("--pair", nargs=2, metavar=("PRESET", "DTYPE"), help=argparse.SUPPRESS)  # a child run
+    p.add_argument("--turns", nargs=2, metavar=("PRESET", "SPECS"), help=argparse.SUPPRESS)  # a child run
     args = p.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         p.error("--steps must be at least 1")
     if args.one:
         print(json.dumps(measure(*args.one, steps=args.steps or 5, compiled=args.compile)))  # None: the preset's
         return
-    if args.pair:
-        compiled = args.compile if args.compile is not None else None
-        print(json.dumps(alternate(*args.pair, steps=args.steps or 5, compiled=compiled)))
+    if args.turns:
+        preset, specs = args.turns
+        print(json.dumps(alternate(preset, specs.split(","), steps=args.steps or 5, compiled=args.compile)))
         return
     presets = args.preset or (["cpu", "gpu"] if torch.cuda.is_available() else ["cpu"])
     for preset in presets:
@@ -247,23 +248,36 @@ def main(argv=None):
             print(f"{model:8s} {dtype:5s} {'yes' if compiled else 'no':7s} {r['batch']:>9s} {patch:>5s} "
                   f"{r['bytes_per_s']:>10,.0f} {r['mflop_per_byte']:>10.2f} {r['flops_per_s'] / 1e9:>9.1f} "
                   f"{r['flops_per_s'] / peaks[dtype]:>7.1%} {r['peak_memory'] / 2 ** 20:>7,.0f} MB", flush=True)
+        # The rows above ran one after the other, each alone; a load that comes and goes skews the ratio of
+        # two of them. So the ratios that matter are measured once more in one process where BLT and the byte
+        # transformer, in bf16 and in fp32, take turns step by step (the rows' own ratios follow, to compare).
+        try:
+            turns = run_child(preset, "turns", "blt:bf16,blt:fp32,byte:bf16,byte:fp32", steps, preset_compiles)
+        except RuntimeError as e:
+            print(f"taking turns failed: {e}")
+            turns = None
+
+        def ratio(name: str, numerator: tuple, denominator: tuple, key: str):
+            """numerator, denominator: (model, dtype); key: flops_per_s, or step_s for a speed ratio."""
+            def of(results_a, results_b):
+                a, b = results_a[key], results_b[key]
+                return a / b if key == "flops_per_s" else b / a
+            rows = [results.get((*numerator, preset_compiles)), results.get((*denominator, preset_compiles))]
+            parts = []
+            if turns:
+                parts.append(f"{of(turns[':'.join(numerator)], turns[':'.join(denominator)]):.2f} "
+                             f"taking turns ({steps} steps each)")
+            if all(rows):
+                parts.append(f"{of(*rows):.2f} from the rows above")
+            if parts:
+                print(f"{name}: {', '.join(parts)}")
         for model in ("entropy", "blt", "byte"):
             bf16, fp32 = results.get((model, "bf16", preset_compiles)), results.get((model, "fp32", preset_compiles))
-            if bf16 and fp32:
+            if bf16 and fp32 and model != "blt":
                 print(f"bf16 / fp32 training speed, {model}: {bf16['bytes_per_s'] / fp32['bytes_per_s']:.2f}x")
+        ratio("bf16 / fp32 training speed, blt", ("blt", "bf16"), ("blt", "fp32"), "step_s")
         for dtype in ("bf16", "fp32"):  # the FLOP saving reaches the clock only as far as this ratio allows
-            blt, byte = results.get(("blt", dtype, preset_compiles)), results.get(("byte", dtype, preset_compiles))
-            if not (blt and byte):
-                continue
-            # the rows above ran one after the other; a load that comes and goes skews their ratio, so it is
-            # measured again with the two models taking turns, step by step, in one process
-            try:
-                paired = run_child(preset, "pair", dtype, steps, preset_compiles)["ratio"]
-                paired = f"{paired:.2f} taking turns step by step in one process ({steps} steps each), "
-            except RuntimeError as e:
-                paired = f"(taking turns failed: {e}) "
-            print(f"achieved FLOP/s, blt / byte transformer, {dtype}: {paired}"
-                  f"{blt['flops_per_s'] / byte['flops_per_s']:.2f} from the rows above")
+            ratio(f"achieved FLOP/s, blt / byte transformer, {dtype}", ("blt", dtype), ("byte", dtype), "flops_per_s")
         compiled, eager = results.get(("blt", "bf16", True)), results.get(("blt", "bf16", False))
         if compiled and eager:
             print(f"torch.compile, blt bf16: {compiled['step_s']:.3f} s/step compiled, {eager['step_s']:.3f} eager: "
