@@ -192,10 +192,68 @@ def alternate(preset_name: str, specs: list[str], steps: int, compiled: bool | N
             for spec, t in trainers.items()}
 
 
+def breakdown(preset_name: str, dtype: str, steps: int) -> dict:
+    """Where BLT's forward pass spends its time: each part's milliseconds per training step (forward only,
+    under the training autocast, measured around the modules' calls during full training steps) with its
+    forward FLOPs per byte (blt.flops_per_byte), hence each part's achieved FLOP/s."""
+    trainer = Trainer(preset_name, "blt", dtype, compiled=False)
+    model, spent = trainer.task.model, {}
+
+    def timed(obj, method: str, part: str):
+        call = getattr(obj, method)
+
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = call(*args, **kwargs)
+            spent[part] = spent.get(part, 0.0) + time.perf_counter() - t0
+            return out
+        setattr(obj, method, wrapper)
+    enc, dec = model.encoder, model.decoder
+    timed(model, "patch", "patching (entropy model, fp32)")
+    timed(enc, "embed", "byte + hash n-gram embeddings")
+    timed(enc, "byte_layers", "encoder layers")
+    timed(enc, "pool", "encoder cross-attention (pooling)")
+    timed(model.global_transformer, "forward", "global transformer")
+    for module in dec.cross_attn:
+        timed(module, "forward", "decoder cross-attention")
+    for module in dec.layers:
+        timed(module, "forward", "decoder layers")
+    timed(dec.output, "forward", "decoder layers")  # the head's FLOPs are the decoder's (de-embedding)
+    timed(model, "forward", "model forward in all (patching apart)")
+    step_s = []
+    for i in range(steps + 2):
+        if i == 2:
+            spent.clear()
+        seconds = trainer.step(i)
+        if i >= 2:
+            step_s.append(seconds)
+    f = flops_per_byte(trainer.config, trainer.patch_sizes[0], trainer.tc.seq_len)
+    fwd = f["forward"]
+    flops = {"patching (entropy model, fp32)": f["entropy_model_forward"], "byte + hash n-gram embeddings": 0.0,
+             "encoder layers": fwd["encoder"], "encoder cross-attention (pooling)": fwd["encoder_cross_attention"],
+             "global transformer": fwd["global"], "decoder cross-attention": fwd["decoder_cross_attention"],
+             "decoder layers": fwd["decoder"], "model forward in all (patching apart)": f["forward_total"]}
+    n_bytes = trainer.bytes_per_step
+    return {"dtype": dtype, "step_s": float(np.mean(step_s)),
+            "parts": [(part, seconds / steps, flops.get(part, 0.0)) for part, seconds in spent.items()],
+            "bytes_per_step": n_bytes}
+
+
+def print_breakdown(r: dict):
+    n = r["bytes_per_step"]
+    print(f"\nBLT forward pass by part, {r['dtype']} ({r['step_s']:.3f} s per training step in all; the forward "
+          f"parts are timed around their calls, inside training steps):")
+    print(f"{'part':36s} {'ms/step':>8s} {'MFLOP/byte':>10s} {'GFLOP/s':>8s}")
+    for part, seconds, flops in sorted(r["parts"], key=lambda x: x[0] != "model forward in all (patching apart)"):
+        rate = f"{flops * n / seconds / 1e9:8.1f}" if flops else f"{'-':>8s}"
+        print(f"{part:36s} {seconds * 1e3:8.1f} {flops / 1e6:10.2f} {rate}")
+
+
 def run_child(preset: str, model: str, dtype: str, steps: int, compiled: bool) -> dict:
     """measure() in a fresh process (its own peak memory, its own compilation), or, for model "turns",
     alternate() over the specs in dtype ("blt:bf16,byte:bf16"); raises with its last error line."""
-    mode = ["--turns", preset, dtype] if model == "turns" else ["--one", preset, model, dtype]
+    mode = {"turns": ["--turns", preset, dtype], "breakdown": ["--breakdown", preset, dtype]}.get(
+        model, ["--one", preset, model, dtype])
     cmd = [sys.executable, os.path.abspath(__file__), *mode, "--steps", str(steps),
            "--compile" if compiled else "--no-compile"]
     result = subprocess.run(cmd, capture_output=True, text=True)
@@ -213,11 +271,17 @@ def main(argv=None):
                         "against eager (default on; compiling takes minutes on a small CPU)")
     p.add_argument("--one", nargs=3, metavar=("PRESET", "MODEL", "DTYPE"), help=argparse.SUPPRESS)  # a child run
     p.add_argument("--turns", nargs=2, metavar=("PRESET", "SPECS"), help=argparse.SUPPRESS)  # a child run
+    p.add_argument("--breakdown", nargs=2, metavar=("PRESET", "DTYPE"), help=argparse.SUPPRESS)  # a child run
+    p.add_argument("--parts", action="store_true",
+                   help="also time BLT's forward pass part by part (bf16 and fp32): where its time goes")
     args = p.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         p.error("--steps must be at least 1")
     if args.one:
         print(json.dumps(measure(*args.one, steps=args.steps or 5, compiled=args.compile)))  # None: the preset's
+        return
+    if args.breakdown:
+        print(json.dumps(breakdown(*args.breakdown, steps=args.steps or 5)))
         return
     if args.turns:
         preset, specs = args.turns
@@ -278,6 +342,11 @@ def main(argv=None):
         ratio("bf16 / fp32 training speed, blt", ("blt", "bf16"), ("blt", "fp32"), "step_s")
         for dtype in ("bf16", "fp32"):  # the FLOP saving reaches the clock only as far as this ratio allows
             ratio(f"achieved FLOP/s, blt / byte transformer, {dtype}", ("blt", dtype), ("byte", dtype), "flops_per_s")
+        for dtype in ("bf16", "fp32") if args.parts else ():
+            try:
+                print_breakdown(run_child(preset, "breakdown", dtype, steps, False))
+            except RuntimeError as e:
+                print(f"BLT forward by part, {dtype}: failed: {e}")
         compiled, eager = results.get(("blt", "bf16", True)), results.get(("blt", "bf16", False))
         if compiled and eager:
             print(f"torch.compile, blt bf16: {compiled['step_s']:.3f} s/step compiled, {eager['step_s']:.3f} eager: "
