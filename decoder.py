@@ -38,7 +38,8 @@ def decoder_patch_ids(patch_lengths: torch.Tensor, seq_len: int) -> torch.Tensor
     (byte 8 starts a patch) and reads o_2. o_3 is never read. Without the slot (lengths summing to seq_len,
     the Hugging Face convention) the last byte reads the patch before its own.
 
-    patch_lengths: (B, P). Returns (B, seq_len) in [0, P - 1).
+    patch_lengths: (B, P). Returns (B, seq_len) in [0, P - 1), or -1 for a byte with no patch to read
+    (no slot and no complete patch after BOS).
     """
     # --- solution: stage 6: the one-patch decoder shift (paper §3.3) ---
     return patch_ids_from_lengths(patch_lengths[:, 1:], seq_len)
@@ -71,8 +72,9 @@ class LocalDecoder(nn.Module):
         # --- solution: stage 6: each byte reads the k slots of its decoder patch (paper §3.3) ---
         # The mask (T, P*k) would allow byte t to read slot p*k + j only if p = dec_patch_ids[t]: each byte
         # reads exactly k slots, so those are listed instead and only they are scored.
-        read = dec_patch_ids[..., None] * k + torch.arange(k, device=h.device)  # (B, T, k)
-        pairs = (read, torch.ones_like(read, dtype=torch.bool))
+        # (A byte with no complete patch to read, id -1, reads nothing: lengths that sum to T with a lone BOS.)
+        read = dec_patch_ids.clamp(min=0)[..., None] * k + torch.arange(k, device=h.device)  # (B, T, k)
+        pairs = (read, (dec_patch_ids >= 0)[..., None].expand_as(read))
         # --- end solution ---
         cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, compute_dtype(h))  # (T, Dh)
         mask = None if caches else causal_mask(positions, positions, self.window)  # (1, 1, T, T)

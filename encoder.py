@@ -100,8 +100,8 @@ class LocalEncoder(nn.Module):
         queries = self.patch_projection(pooled).view(B, P * k, D)  # (B, P*k, D): slot j of patch p at p*k + j
         # The mask (P*k, T) would allow query p*k + j to read byte t only if t is in patch p: each byte is read
         # by the k queries of its own patch, so those are listed instead and only those pairs are scored.
-        readers = patch_ids[..., None] * k + torch.arange(k, device=h.device)  # (B, T, k)
-        pairs = (readers, torch.ones_like(readers, dtype=torch.bool))
+        readers = patch_ids.clamp(min=0)[..., None] * k + torch.arange(k, device=h.device)  # (B, T, k)
+        pairs = (readers, (patch_ids >= 0)[..., None].expand_as(readers))  # -1: a byte in no patch (no lengths)
         patches = queries + self.cross_attn(queries, h, None, queries_per_key=k, pairs=pairs)  # released: 2q + attn
         return patches.view(B, P, k * D)
         # --- end solution ---

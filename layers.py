@@ -343,6 +343,10 @@ class CrossAttention(nn.Module):
         know them from patch ids, so they build no (T, S) mask at all (mask=None; the dense path, kept as
         the reference, rebuilds it from the pairs).
         """
+        if pairs is None and mask is None:
+            raise ValueError("cross-attention needs a mask or the allowed pairs")
+        if pairs is not None and (keys_per_query is None) == (queries_per_key is None):
+            raise ValueError("pairs need exactly one of keys_per_query (each query's keys) and queries_per_key")
         B, T, D = queries.shape
         S, H, Dh = keys_values.shape[1], self.n_heads, self.head_dim
         q = self.wq(self.query_norm(queries)).view(B, T, H, Dh)

@@ -96,6 +96,16 @@ def test_encoder_cross_attention_reads_own_bytes_like_the_dense_mask(k, heads):
     assert torch.equal(fast[0][empty], queries[empty])
 
 
+def test_cross_attention_refuses_pairs_without_their_layout():
+    cross = CrossAttention(16, 2)
+    q, kv = torch.randn(1, 3, 16), torch.randn(1, 4, 16)
+    pairs = (torch.zeros(1, 3, 1, dtype=torch.long), torch.ones(1, 3, 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="exactly one of"):
+        cross(q, kv, None, pairs=pairs)
+    with pytest.raises(ValueError, match="a mask or the allowed pairs"):
+        cross(q, kv, None, keys_per_query=1)
+
+
 def test_a_mask_that_breaks_the_promise_gets_the_dense_path():
     torch.manual_seed(0)
     mask = torch.rand(2, 1, 7, 9) > 0.5
@@ -123,14 +133,27 @@ def test_mask_from_pairs_inverts_few_allowed():
     assert torch.equal(mask_from_pairs(*few_allowed(mask, n + 2), 11), mask)  # padded with forbidden columns
 
 
-@pytest.mark.parametrize("k", [1, 2, 3])
-def test_encoder_and_decoder_list_exactly_the_pairs_of_their_masks(k, monkeypatch):
+EDGE_LENGTHS = {  # lengths summing to T (the Hugging Face convention, no next-byte slot): bytes with no patch to read
+    "bos only, T = 1": ([[1]], 1),
+    "a lone BOS row in a batch": ([[1, 4], [1, 0]], 5),
+}
+
+
+@pytest.mark.parametrize("k, case", [(1, None), (2, None), (3, None), (2, "bos only, T = 1"),
+                                     (2, "a lone BOS row in a batch"), (3, "a lone BOS row in a batch")])
+def test_encoder_and_decoder_list_exactly_the_pairs_of_their_masks(k, case, monkeypatch):
     """The encoder and decoder build no cross-attention mask: they list each byte's k queries (encoder) or
     k slots (decoder). Those lists must allow exactly what the masks of the paper allow (encoder_mask and
-    decoder_mask above): on a ragged batch with padding patches and patches without bytes."""
+    decoder_mask above): on a ragged batch with padding patches and patches without bytes, and where a byte
+    has no patch to read (decoder id -1): it must read nothing, not another row's slots."""
     model = small_blt(cross_attn_k=k)
-    B, T = 3, 23
-    lengths = ragged_lengths(B, T, seed=k)
+    if case is None:
+        B, T = 3, 23
+        lengths = ragged_lengths(B, T, seed=k)
+    else:
+        rows, T = EDGE_LENGTHS[case]
+        lengths = torch.tensor(rows)
+        B = len(rows)
     seen = []
     forward = CrossAttention.forward
 
@@ -148,6 +171,19 @@ def test_encoder_and_decoder_list_exactly_the_pairs_of_their_masks(k, monkeypatc
     for _, S, Q, per_query, per_key, pairs in decoder_calls:
         assert per_query == k and per_key is None and pairs[0].shape == (B, T, k)
         assert torch.equal(mask_from_pairs(*pairs, S), decoder_mask(lengths, T, k)[:, 0])
+
+
+def test_a_byte_with_no_patch_to_read_stays_in_its_row():
+    """Row 1 is a lone BOS (Hugging Face lengths): its bytes read no global output. Changing row 0's bytes
+    must not move row 1's logits (a negative slot index would wrap into row 0's slots)."""
+    model = small_blt(cross_attn_k=2)
+    lengths = torch.tensor([[1, 4], [1, 0]])
+    tokens = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model(tokens, patch_lengths=lengths)
+        other = tokens.clone()
+        other[0] = (other[0] + 1) % 256
+        assert torch.equal(model(other, patch_lengths=lengths)[1], base[1])
 
 
 # ---- sliding-window self-attention ----

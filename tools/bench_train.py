@@ -15,7 +15,8 @@ The last lines give the ratios to quote: BLT's bf16 speed over its fp32 speed, a
 byte transformer", how much of its FLOP saving per byte BLT turns into wall-clock saving. A shared machine's
 load comes and goes, which skews the ratio of two runs made one after the other, so they are measured again
 in one more process where BLT and the byte transformer, in bf16 and in fp32, take turns step by step; the
-ratios of the separate rows follow, for comparison.
+ratios of the separate rows follow, for comparison. `--parts` adds BLT's forward pass timed part by part
+(patching, embeddings, encoder, pooling, global, decoder cross-attention, decoder) with each part's FLOPs.
 
 One more row times BLT in bf16 with torch.compile switched from the preset's choice (compiled on CPU, eager
 on GPU), and a last line gives compiled against eager step time, the first step (mostly compilation) and
@@ -198,13 +199,16 @@ def breakdown(preset_name: str, dtype: str, steps: int) -> dict:
     forward FLOPs per byte (blt.flops_per_byte), hence each part's achieved FLOP/s."""
     trainer = Trainer(preset_name, "blt", dtype, compiled=False)
     model, spent = trainer.task.model, {}
+    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)  # time the work, not launches
 
     def timed(obj, method: str, part: str):
         call = getattr(obj, method)
 
         def wrapper(*args, **kwargs):
+            sync()
             t0 = time.perf_counter()
             out = call(*args, **kwargs)
+            sync()
             spent[part] = spent.get(part, 0.0) + time.perf_counter() - t0
             return out
         setattr(obj, method, wrapper)
@@ -236,7 +240,7 @@ def breakdown(preset_name: str, dtype: str, steps: int) -> dict:
     n_bytes = trainer.bytes_per_step
     return {"dtype": dtype, "step_s": float(np.mean(step_s)),
             "parts": [(part, seconds / steps, flops.get(part, 0.0)) for part, seconds in spent.items()],
-            "bytes_per_step": n_bytes}
+            "bytes_per_step": n_bytes, "projections": fwd["projections"]}
 
 
 def print_breakdown(r: dict):
@@ -247,6 +251,8 @@ def print_breakdown(r: dict):
     for part, seconds, flops in sorted(r["parts"], key=lambda x: x[0] != "model forward in all (patching apart)"):
         rate = f"{flops * n / seconds / 1e9:8.1f}" if flops else f"{'-':>8s}"
         print(f"{part:36s} {seconds * 1e3:8.1f} {flops / 1e6:10.2f} {rate}")
+    print(f"(the patch projections, {r['projections'] / 1e6:.2f} MFLOP/byte, count in the total only; their time "
+          f"is in the encoder's pooling, the global transformer and the decoder's own code)")
 
 
 def run_child(preset: str, model: str, dtype: str, steps: int, compiled: bool) -> dict:
