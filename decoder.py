@@ -20,8 +20,8 @@ Shapes: B = batch, T = bytes, P = patches, k = slots per patch, D = D_D (decoder
 import torch
 import torch.nn as nn
 
-from layers import (CrossAttention, RMSNorm, TransformerBlock, causal_mask, compute_dtype, rope_cos_sin,
-                    swiglu_hidden_dim)
+from layers import (CrossAttention, RMSNorm, TransformerBlock, causal_mask, compute_dtype, patch_slot_pairs,
+                    rope_cos_sin, swiglu_hidden_dim)
 from patching import VOCAB_SIZE, patch_ids_from_lengths
 
 
@@ -71,10 +71,8 @@ class LocalDecoder(nn.Module):
         slots = self.patch_projection(global_out).view(B, P * k, D)  # (B, P*k, D): slot j of o_p at p*k + j
         # --- solution: stage 6: each byte reads the k slots of its decoder patch (paper §3.3) ---
         # The mask (T, P*k) would allow byte t to read slot p*k + j only if p = dec_patch_ids[t]: each byte
-        # reads exactly k slots, so those are listed instead and only they are scored.
-        # (A byte with no complete patch to read, id -1, reads nothing: lengths that sum to T with a lone BOS.)
-        read = dec_patch_ids.clamp(min=0)[..., None] * k + torch.arange(k, device=h.device)  # (B, T, k)
-        pairs = (read, (dec_patch_ids >= 0)[..., None].expand_as(read))
+        # reads exactly k slots, so those are listed instead and only they are scored (id -1 reads nothing).
+        pairs = patch_slot_pairs(dec_patch_ids, k)  # (B, T, k): the slots each byte reads
         # --- end solution ---
         cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, compute_dtype(h))  # (T, Dh)
         mask = None if caches else causal_mask(positions, positions, self.window)  # (1, 1, T, T)

@@ -22,7 +22,8 @@ Shapes: B = batch, T = bytes, P = patches, k = query slots per patch, D = D_E (e
 import torch
 import torch.nn as nn
 
-from layers import CrossAttention, TransformerBlock, causal_mask, compute_dtype, rope_cos_sin, swiglu_hidden_dim
+from layers import (CrossAttention, TransformerBlock, causal_mask, compute_dtype, patch_slot_pairs, rope_cos_sin,
+                    swiglu_hidden_dim)
 from patching import VOCAB_SIZE, patch_ids_from_lengths
 
 # The released code's primes, one per hash function (paper section 3.2.1 leaves the hash's constants open).
@@ -100,8 +101,7 @@ class LocalEncoder(nn.Module):
         queries = self.patch_projection(pooled).view(B, P * k, D)  # (B, P*k, D): slot j of patch p at p*k + j
         # The mask (P*k, T) would allow query p*k + j to read byte t only if t is in patch p: each byte is read
         # by the k queries of its own patch, so those are listed instead and only those pairs are scored.
-        readers = patch_ids.clamp(min=0)[..., None] * k + torch.arange(k, device=h.device)  # (B, T, k)
-        pairs = (readers, (patch_ids >= 0)[..., None].expand_as(readers))  # -1: a byte in no patch (no lengths)
+        pairs = patch_slot_pairs(patch_ids, k)  # (B, T, k): the queries that read each byte
         patches = queries + self.cross_attn(queries, h, None, queries_per_key=k, pairs=pairs)  # released: 2q + attn
         return patches.view(B, P, k * D)
         # --- end solution ---

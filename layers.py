@@ -150,6 +150,15 @@ def mask_from_pairs(index: torch.Tensor, allowed: torch.Tensor, n_columns: int) 
     return hits.scatter_add_(-1, index, allowed.to(torch.uint8)) > 0
 
 
+def patch_slot_pairs(patch_ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The allowed pairs between positions and the k slots of each patch, as CrossAttention's pairs: position t
+    goes with slots p*k .. p*k + k-1 of its patch p = patch_ids[t]. patch_ids: (B, T), -1 for a position with
+    no patch (it pairs with nothing) -> index, allowed: (B, T, k). The encoder's queries and the decoder's
+    keys are both laid out this way (slot j of patch p at p*k + j)."""
+    index = patch_ids.clamp(min=0)[..., None] * k + torch.arange(k, device=patch_ids.device)
+    return index, (patch_ids >= 0)[..., None].expand_as(index)
+
+
 def _rows(index: torch.Tensor, n_rows: int) -> torch.Tensor:
     """index: (B, T, n) row numbers within each batch element -> (B*T*n,) rows of the flattened (B*n_rows)."""
     return (index + n_rows * torch.arange(index.shape[0], device=index.device)[:, None, None]).flatten()

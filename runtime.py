@@ -238,7 +238,6 @@ def start_or_resume(ckpt_path: Path, saved: dict, steps: int, budget, opts) -> d
     return ckpt
 
 
-
 def finished_entropy_model(out: Path, entropy_cfg) -> dict:
     """The finished entropy model in OUT/entropy.pt, checked against this run's ByteLMConfig (stages 2 and 3)."""
     ckpt = read_training_checkpoint(out / "entropy.pt")

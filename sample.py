@@ -14,10 +14,10 @@ incremental generator below does exactly that, one new byte at a time:
 The transformers take their steps through incremental.py (preallocated caches, fused projections), the
 decoder's cross-attention reads one patch's slots through incremental.PatchReader, a closed patch is pooled
 through incremental.PatchPooler and the newest byte's hash n-grams come from incremental.NewestByteEmbedding;
-a row's patch decision looks only at the tail of its history that patching.py's rules can see (for the
-entropy rules, H[t] and H[t-1]). Entropies are the training code's own function; every shortcut computes what
-the training code computes, and tests/test_sample.py holds them to it. A byte-level model (train.py --model byte) generates
-the same way, one cached step per byte, for comparison (tools/bench_sample.py).
+a row's patch decision looks only at the tail of its history that patching.py's rules can see (for the entropy
+rules, H[t] and H[t-1]). Entropies are the training code's own function; every shortcut computes what the
+training code computes, and tests/test_sample.py holds them to it. A byte-level model (train.py --model byte)
+generates the same way, one cached step per byte, for comparison (tools/bench_sample.py).
 
 `--naive` recomputes the entropy model and the whole BLT on the full prefix for every byte, as Meta's released
 generator does; it is the reference the incremental generator is tested against.
