@@ -118,7 +118,7 @@ def parse_args(argv, presets) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=count, default=None, help="warmup steps of the main model")
     p.add_argument("--weight-decay", type=number(at_least=0), default=None,
                    help="AdamW weight decay of the main model (default 0.1)")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="autocast dtype (default bf16)")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="autocast dtype (default: bf16 where the device multiplies bf16 natively, else fp32)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--threads", type=THREADS, default=None,

@@ -50,6 +50,8 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) 
     """Best FLOP/s of square matmuls (n = 512 ... 4096) on this device and dtype."""
     best = 0.0
     for n in (512, 1024, 2048) + ((4096, 8192) if device.type == "cuda" else ()):
+        if best and 2 * n ** 3 / best > seconds / 4:  # one product would take too long (emulated bf16 on a CPU)
+            break
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
         a @ b  # warm-up
         reps, t0 = 0, time.perf_counter()
@@ -62,6 +64,13 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) 
                 break
         best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t0))
     return best
+
+
+def bench_text() -> np.ndarray:
+    """Real text for the BPE model, whose bytes per token (so bytes/s) depend on the text: this repository's
+    own Markdown and Python files, repeated to 1 MB. Nothing is downloaded; the byte models read random bytes."""
+    text = b"\n".join(p.read_bytes() for p in sorted(ROOT.glob("*.md")) + sorted(ROOT.glob("*.py")))
+    return np.frombuffer((text * (1 + (1 << 20) // len(text)))[:1 << 20], dtype=np.uint8)
 
 
 class Trainer:
@@ -84,28 +93,36 @@ class Trainer:
                                             "dtype": dtype})
         torch.manual_seed(0)
         blt_cfg = BLTConfig.from_dict(preset["blt"].to_dict())
+        self.corpus = np.random.default_rng(0).integers(0, 256, size=1 << 22, dtype=np.uint8)
+        self.tokens = None
         if model_kind == "entropy":
             config = ByteLMConfig.of_blt(blt_cfg)
             model, kind = config.build(), "entropy"
         elif model_kind == "byte":
             config, kind = preset["byte"], "byte"
             model = config.build()
+        elif model_kind == "bpe":  # tokens of real text: bytes per token, hence bytes/s, depend on the text
+            from tokens import TokenLMConfig, prepare_tokens
+            self.tokens = prepare_tokens(bench_text(), preset["bpe"].vocab_size, tc.seq_len)
+            config, kind = TokenLMConfig.from_dict({**preset["bpe"].to_dict(),
+                                                    "vocab_size": self.tokens.tokenizer.vocab_size}), "bpe"
+            model = config.build()
         else:
             config, kind = blt_cfg, "blt"
             model = BLT(config)
         self.kind, self.config, self.get_batch = kind, config, get_batch
-        self.corpus = np.random.default_rng(0).integers(0, 256, size=1 << 22, dtype=np.uint8)
         model.to(device)
-        if kind == "blt":  # an untrained entropy model, its threshold calibrated to the preset's patch size
+        if kind == "blt" and model.entropy_model is not None:  # untrained, calibrated to the preset's patch size
             x, _ = get_batch(self.corpus, tc.batch_size, tc.seq_len, 0, 10 ** 6)
             config.entropy_threshold = calibrate_threshold(model.entropy_model.entropies(x.to(device)).cpu(),
                                                            config.patch_size)
         self.compiled = preset["compile"] and device.type == "cuda" if compiled is None else compiled
-        self.task = task = train.Task(kind, model, config, tc, device, compile_model=self.compiled)
+        self.task = task = train.Task(kind, model, config, tc, device, compile_model=self.compiled, tokens=self.tokens)
         task.prepare(backend)
         self.optimizer = train.make_optimizer(model, tc, device)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.patch_sizes, self.patch_counts = [], set()
+        self.split = {}  # seconds spent in forward, backward, and clipping + the optimizer, summed over steps
         patch = task.patch
 
         def recorded_patch(x):  # the patch counts the model sees (padded when compiled), and the first patch size
@@ -120,19 +137,27 @@ class Trainer:
         tc = self.tc
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        x, y = self.get_batch(self.corpus, tc.batch_size, tc.seq_len, 0, i)
-        loss = self.task.loss(x, y)
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        marks = [time.perf_counter()]
+        x, y = self.task.batch(self.corpus, i)
+        loss = self.task.loss(x, y)  # patching and forward
+        sync()
+        marks.append(time.perf_counter())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        sync()
+        marks.append(time.perf_counter())
         torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip)
         self.optimizer.step()
         loss.item()  # waits for the device
-        return time.perf_counter() - t0
+        marks.append(time.perf_counter())
+        for part, t0, t1 in zip(("forward", "backward", "clip + AdamW"), marks, marks[1:]):
+            self.split[part] = self.split.get(part, 0.0) + t1 - t0
+        return marks[-1] - marks[0]
 
     @property
-    def bytes_per_step(self) -> int:
-        return self.tc.batch_size * self.tc.seq_len
+    def bytes_per_step(self) -> float:
+        return self.tc.batch_size * (self.tokens.bytes_per_window if self.tokens else self.tc.seq_len)
 
     def flops_per_byte(self) -> float:
         """Training FLOPs per byte (paper section 4.5); BLT's include the entropy model's patching forward."""
@@ -140,6 +165,9 @@ class Trainer:
         if self.kind == "blt":
             f = flops_per_byte(config, self.patch_sizes[0], seq_len)
             return f["train_total"] + f["entropy_model_forward"]
+        if self.kind == "bpe":
+            from tokens import token_flops_per_byte
+            return token_flops_per_byte(config, self.tokens.train_bytes_per_token, self.tokens.seq_len)["train_total"]
         return byte_transformer_flops_per_byte(config.dim, config.layers, min(config.window or seq_len, seq_len),
                                                config.multiple_of)["train_total"]
 
@@ -191,6 +219,48 @@ def alternate(preset_name: str, specs: list[str], steps: int, compiled: bool | N
     step_s = {spec: float(np.median(t)) for spec, t in times.items()}
     return {spec: {"step_s": step_s[spec], "flops_per_s": t.flops_per_byte() * t.bytes_per_step / step_s[spec]}
             for spec, t in trainers.items()}
+
+
+RACE = [("small", "blt"), ("cpu", "blt"), ("cpu", "bpe"), ("cpu", "byte")]  # what tools/race.py's commands train
+
+
+def race_turns(steps: int, dtype: str, compiled: bool | None = None) -> dict:
+    """The models of tools/race.py, as its plain commands configure them on CPU (BLT: the small preset and
+    the cpu preset; BPE and byte: the cpu preset), in one process taking turns step by step in `dtype`.
+    Returns per model the median step time, bytes/s, training FLOPs per byte (BLT: with its entropy model's
+    patching forward), achieved FLOP/s, and where its steps went (forward, backward, clipping + AdamW)."""
+    trainers = {f"{preset}:{model}": Trainer(preset, model, dtype, compiled) for preset, model in RACE}
+    times = {name: [] for name in trainers}
+    for i in range(steps + 2):
+        if i == 2:
+            for t in trainers.values():
+                t.split.clear()
+        for name, trainer in trainers.items():
+            seconds = trainer.step(i)
+            if i >= 2:  # two warm-up steps each
+                times[name].append(seconds)
+    out = {}
+    for name, t in trainers.items():
+        step_s = float(np.median(times[name]))
+        out[name] = {"step_s": step_s, "bytes_per_s": t.bytes_per_step / step_s, "mflop_per_byte": t.flops_per_byte() / 1e6,
+                     "flops_per_s": t.flops_per_byte() * t.bytes_per_step / step_s, "batch": t.bytes_per_step,
+                     "split": {part: seconds / steps for part, seconds in t.split.items()}}
+    return out
+
+
+def print_race(r: dict, dtype: str, steps: int):
+    print(f"\nthe race's models on cpu, {dtype}, taking turns step by step ({steps} timed steps each):")
+    print(f"{'model':10s} {'bytes/step':>10s} {'s/step':>7s} {'bytes/s':>9s} {'MFLOP/byte':>10s} {'GFLOP/s':>8s} "
+          f"{'forward':>8s} {'backward':>8s} {'clip+AdamW':>10s}")
+    for name, x in r.items():
+        split = x["split"]
+        print(f"{name:10s} {x['batch']:>10,.0f} {x['step_s']:>7.3f} {x['bytes_per_s']:>9,.0f} {x['mflop_per_byte']:>10.2f} "
+              f"{x['flops_per_s'] / 1e9:>8.1f} " + " ".join(f"{split.get(k, 0) / x['step_s']:>{w}.0%}" for k, w in
+                                                           (("forward", 8), ("backward", 8), ("clip + AdamW", 10))))
+    for blt in ("small:blt", "cpu:blt"):
+        print(f"achieved FLOP/s, {blt.split(':')[0]}-preset BLT / BPE transformer: "
+              f"{r[blt]['flops_per_s'] / r['cpu:bpe']['flops_per_s']:.2f}; / byte transformer: "
+              f"{r[blt]['flops_per_s'] / r['cpu:byte']['flops_per_s']:.2f}")
 
 
 def breakdown(preset_name: str, dtype: str, steps: int) -> dict:
@@ -278,6 +348,10 @@ def main(argv=None):
     p.add_argument("--one", nargs=3, metavar=("PRESET", "MODEL", "DTYPE"), help=argparse.SUPPRESS)  # a child run
     p.add_argument("--turns", nargs=2, metavar=("PRESET", "SPECS"), help=argparse.SUPPRESS)  # a child run
     p.add_argument("--breakdown", nargs=2, metavar=("PRESET", "DTYPE"), help=argparse.SUPPRESS)  # a child run
+    p.add_argument("--race", action="store_true", help="only the models of tools/race.py taking turns (cpu), in the "
+                   "default dtype of this machine, then BLT's forward part by part")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="with --race (default: bf16 where native)")
+    p.add_argument("--race-child", action="store_true", help=argparse.SUPPRESS)  # a child run
     p.add_argument("--parts", action="store_true",
                    help="also time BLT's forward pass part by part (bf16 and fp32): where its time goes")
     args = p.parse_args(argv)
@@ -288,6 +362,20 @@ def main(argv=None):
         return
     if args.breakdown:
         print(json.dumps(breakdown(*args.breakdown, steps=args.steps or 5)))
+        return
+    if args.race or args.race_child:
+        from runtime import default_dtype
+        dtype = args.dtype or default_dtype(torch.device("cpu"))
+        steps = args.steps or 5
+        if args.race_child:
+            print(json.dumps(race_turns(steps, dtype, compiled=args.compile)))
+            return
+        cmd = [sys.executable, os.path.abspath(__file__), "--race-child", "--steps", str(steps), "--dtype", dtype]
+        result = subprocess.run(cmd + (["--compile"] if args.compile else []), capture_output=True, text=True)
+        if result.returncode != 0:
+            sys.exit(f"error: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+        print_race(json.loads(result.stdout.strip().splitlines()[-1]), dtype, steps)
+        print_breakdown(run_child("small", "breakdown", dtype, steps, False))
         return
     if args.turns:
         preset, specs = args.turns

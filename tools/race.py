@@ -1,0 +1,205 @@
+"""The race: BLT, the BPE transformer and the byte transformer, each run by its plain command under the same
+wall-clock budget, one after another on this machine, all scored on the same held-out bytes.
+
+    python tools/race.py --data tinyshakespeare --time-budget 300     # 4 runs of 300 s: about 21 minutes
+    python tools/race.py --time-budget 600                            # the default corpus, 10 minutes each
+    python tools/race.py --data tinyshakespeare --time-budget 300 --publish   # also rewrite the README's table
+
+What a user with a laptop sees is wall-clock time, not FLOPs (paper section 4.5 counts FLOPs). Each run is
+exactly the command a user would type, `python train.py --data D --time-budget S` plus one flag:
+
+    BLT               (nothing: the plain command; under a budget on a small corpus, the small preset)
+    BLT --preset cpu  (entropy patching: the entropy model trains first, inside the same budget)
+    BPE               --model bpe
+    byte              --model byte
+
+Under --time-budget no model evaluates along the way (train.py's rule for every preset), so none loses
+seconds that another keeps; each ends with the same evaluation over the whole validation split, inside its
+budget. The table gives the facts that do not depend on the day (steps, bytes seen, training FLOPs per
+byte) beside the ones that do (achieved FLOP/s, bits per byte).
+
+A finished run is reused when the race is run again (its folder under --out holds its metrics); an
+unfinished one starts over, since a budgeted run resumed later would not be the same race. --publish writes
+the table between this race's markers in README.md and docs/training.md and says which files it rewrote;
+without it nothing tracked is touched.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+RUNS = [  # (name in the table, folder, extra flags): the plain commands
+    ("BLT (plain command)", "blt", []),
+    ("BLT, `--preset cpu` (entropy patching)", "blt-cpu", ["--preset", "cpu"]),
+    ("BPE transformer, `--model bpe`", "bpe", ["--model", "bpe"]),
+    ("byte transformer, `--model byte`", "byte", ["--model", "byte"]),
+]
+PUBLISHED = (ROOT / "README.md", ROOT / "docs" / "training.md")
+
+
+def markers(data: str, budget: float) -> tuple[str, str]:
+    key = f"race {Path(data).stem if os.sep in data else data} {budget:g}s"
+    return f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+
+
+def final_record(folder: Path) -> tuple[dict, list[dict]] | None:
+    """The final evaluation of the one model trained in `folder` (None if it did not finish), and its log. For
+    BLT --preset cpu, the BLT's log (the entropy model's is entropy.jsonl)."""
+    logs = [p for p in sorted(folder.glob("*.jsonl")) if p.stem != "entropy"]
+    if len(logs) != 1:
+        return None
+    try:
+        records = [json.loads(line) for line in logs[0].read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return None
+    finals = [r for r in records if r.get("type") == "eval" and "stage_seconds" in r]
+    return (finals[-1], records) if finals else None
+
+
+def machine() -> str:
+    """The CPU's model name and the torch threads, for the table's caption."""
+    import torch
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    from runtime import default_dtype
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    what = torch.cuda.get_device_name() if device.type == "cuda" else f"{name}, {torch.get_num_threads()} threads"
+    return f"{what}; default dtype {default_dtype(device)}"
+
+
+def run_one(folder: Path, flags: list[str], data: str, budget: float, log_path: Path) -> None:
+    cmd = [sys.executable, "train.py", "--data", data, "--time-budget", f"{budget:g}", *flags,
+           "--out", str(folder), "--overwrite"]
+    print("$ python " + " ".join(cmd[1:]), flush=True)
+    with open(log_path, "a") as log:
+        log.write("$ python " + " ".join(cmd[1:]) + "\n")
+        log.flush()
+        result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    if result.returncode != 0:
+        tail = log_path.read_text().strip().splitlines()[-1:] or ["?"]
+        sys.exit(f"error: train.py failed (exit {result.returncode}): {tail[0]} (whole output in {log_path})")
+
+
+def row(name: str, final: dict, records: list[dict], entropy_final: dict | None) -> dict:
+    """One line of the table from a run's final evaluation and log."""
+    trains = [r for r in records if r.get("type") == "train"]
+    train_seconds = trains[-1]["time"] if trains else final["stage_seconds"]  # the clock at the last step
+    bytes_seen = final["bytes"]
+    return {"name": name, "steps": final["steps"], "bytes_seen": bytes_seen,
+            "train_mflop_per_byte": final["train_flops_per_byte"] / 1e6,
+            "gflop_per_s": final["train_flops_per_byte"] * bytes_seen / max(1e-9, train_seconds) / 1e9,
+            "val_bpb": final["val_bpb"], "val_bytes": final["val_bytes"], "patch_size": final.get("patch_size"),
+            "bytes_per_token": final.get("bytes_per_token"),
+            "entropy_seconds": entropy_final["stage_seconds"] if entropy_final else None}
+
+
+def table(rows: list[dict], data: str, budget: float, where: str) -> str:
+    best = min(r["val_bpb"] for r in rows)
+    lines = [f"`python tools/race.py --data {data} --time-budget {budget:g}` ({where}; "
+             f"{rows[0]['val_bytes']:,} validation bytes scored by every model):", "",
+             f"| command (`--time-budget {budget:g}`) | steps | bytes seen | train MFLOP/byte | achieved GFLOP/s | "
+             "val bits per byte |", "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: r["val_bpb"]):
+        unit = (f", patch {r['patch_size']:.2f} B" if r["patch_size"] else "") + \
+               (f", {r['bytes_per_token']:.2f} B/token" if r["bytes_per_token"] else "") + \
+               (f", entropy model {r['entropy_seconds']:.0f} s of the budget" if r["entropy_seconds"] else "")
+        bpb = f"**{r['val_bpb']:.4f}**" if r["val_bpb"] == best else f"{r['val_bpb']:.4f}"
+        lines.append(f"| {r['name']}{unit} | {r['steps']:,} | {r['bytes_seen'] / 1e6:.2f} MB | "
+                     f"{r['train_mflop_per_byte']:.1f} | {r['gflop_per_s']:.1f} | {bpb} |")
+    return "\n".join(lines)
+
+
+def publish(text: str, start: str, end: str) -> list[Path]:
+    """Rewrite the part of each published page between this race's markers; returns the pages rewritten.
+    A page without the markers is left alone (with a warning)."""
+    rewritten = []
+    for page in PUBLISHED:
+        try:
+            body = page.read_text()
+            if start not in body or end not in body:
+                print(f"warning: {page.relative_to(ROOT)} has no {start} ... {end} markers; left as it is",
+                      file=sys.stderr)
+                continue
+            before, rest = body.split(start, 1)
+            page.write_text(before + start + "\n" + text + "\n" + end + rest.split(end, 1)[1])
+            rewritten.append(page)
+        except (OSError, UnicodeDecodeError) as e:
+            sys.exit(f"error: cannot rewrite {page}: {getattr(e, 'strerror', None) or e}")
+    return rewritten
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="shakespeare", help="corpus name or file, as train.py --data (default: shakespeare)")
+    p.add_argument("--time-budget", type=float, default=300.0, metavar="SECONDS", help="each model's budget (default 300)")
+    p.add_argument("--out", default=None, help="folder for the runs (default: out/race-<corpus>-<budget>s)")
+    p.add_argument("--only", default=None, help="comma-separated run folders to race (default: all: "
+                   + ",".join(f for _, f, _ in RUNS) + ")")
+    p.add_argument("--extra", default="", help=argparse.SUPPRESS)  # flags added to every run (tests: --preset smoke)
+    p.add_argument("--publish", action="store_true", help="write the table into README.md and docs/training.md")
+    args = p.parse_args(argv)
+    if not args.time_budget > 0:
+        p.error(f"--time-budget must be a number > 0, not {args.time_budget:g}")
+    runs = RUNS
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = set(wanted) - {f for _, f, _ in RUNS}
+        if unknown:
+            p.error(f"--only: unknown run(s) {', '.join(sorted(unknown))}; choose from {', '.join(f for _, f, _ in RUNS)}")
+        runs = [r for r in RUNS if r[1] in wanted]
+    stem = Path(args.data).stem if os.sep in args.data else args.data
+    out = Path(args.out or ROOT / "out" / f"race-{stem}-{args.time_budget:g}s")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"error: cannot create {out}: {e.strerror or e}")
+    rows = []
+    for name, folder, flags in runs:
+        done = final_record(out / folder)
+        if done is None:
+            run_one(out / folder, flags + args.extra.split(), args.data, args.time_budget, out / "race.log")
+            done = final_record(out / folder)
+            if done is None:
+                sys.exit(f"error: {out / folder} holds no finished run after train.py; see {out / 'race.log'}")
+        else:
+            print(f"{name}: finished earlier in {out / folder}, reused")
+        entropy = final_record_of(out / folder / "entropy.jsonl")
+        rows.append(row(name, *done, entropy))
+        r = rows[-1]
+        print(f"{name}: {r['steps']} steps, {r['bytes_seen'] / 1e6:.2f} MB seen, {r['gflop_per_s']:.1f} GFLOP/s, "
+              f"val {r['val_bpb']:.4f} bpb", flush=True)
+    where = f"{machine()}, {datetime.date.today().isoformat()}"
+    text = table(rows, args.data, args.time_budget, where)
+    print("\n" + text)
+    (out / "race.md").write_text(text + "\n")
+    (out / "race.json").write_text(json.dumps({"machine": where, "rows": rows}, indent=1) + "\n")
+    if args.publish:
+        rewritten = publish(text, *markers(args.data, args.time_budget))
+        print("rewrote " + (", ".join(str(p.relative_to(ROOT)) for p in rewritten) or "nothing"))
+    return 0
+
+
+def final_record_of(log: Path) -> dict | None:
+    """The final evaluation record in one metrics log, or None."""
+    if not log.is_file():
+        return None
+    try:
+        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return None
+    return next((r for r in reversed(records) if r.get("type") == "eval" and "stage_seconds" in r), None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
