@@ -134,7 +134,7 @@ class Distributed:
 DIST = Distributed()
 
 
-def native_bf16(device: torch.device) -> bool:
+def native_bf16(device: torch.device, cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this device multiplies bf16 matrices in hardware. On a CPU without bf16 instructions (AVX2
     only, or AVX-512 without AVX512_BF16) oneDNN emulates them: measured 1.5 GFLOP/s against 45 GFLOP/s in
     fp32 on one such 2-core machine, so bf16 autocast there slows every model down many times."""
@@ -143,7 +143,7 @@ def native_bf16(device: torch.device) -> bool:
     if device.type != "cpu":
         return False
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             flags = {word for line in f if line.startswith(("flags", "Features")) for word in line.split()}
     except OSError:  # not Linux: oneDNN's own answer (it may still emulate bf16 on AVX-512 without BF16)
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -405,6 +405,10 @@ class Run:
                         dynamic_ncols=True, mininterval=1.0, disable=None if DIST.main else True)
         STOP.defer = True
         return step
+
+    def warmup_share(self, warmup_steps: int) -> float | None:
+        """Under a time budget, the share of it the warmup may take: as planned in steps (train.lr_at)."""
+        return min(1.0, warmup_steps / self.steps) if self.time_budget else None
 
     def agreed_signal(self) -> int:
         """A pending stop signal, the same on every rank."""

@@ -82,12 +82,13 @@ PRESETS = {
         entropy_train=dict(seq_len=64, batch_size=8, lr=3e-3, warmup_steps=5),
         train=dict(seq_len=64, batch_size=8, lr=3e-3, warmup_steps=5), entropy_steps=20, steps=20,
         eval_interval=10, eval_bytes=2048, final_eval_bytes=8192, log_interval=5, calibration_windows=32)},
-    "small": {**CPU, **dict(  # a small corpus under a time budget: the best 300 s settings on tiny Shakespeare
+    "small": {**CPU, **dict(  # a small corpus under a time budget: the best 300 s settings found for BLT on tiny
+        #                     Shakespeare; the baselines train with the same settings (tools/race.py has the controls)
         blt=cpu_tiny(patching="space", hash_ngram_sizes=(3, 4, 5)),  # no entropy model to train; fewer hashes
         train=dict(seq_len=128, batch_size=16, lr=3e-3, warmup_steps=30, weight_decay=0.5),  # wd: hashes memorise
         steps=900)},  # ~300 s on 2 cores (under --time-budget no run evaluates along the way: see settings)
 }
-# The default preset: gpu with CUDA, else cpu; but BLT under --time-budget on a training split under 16 MB
+# The default preset: gpu with CUDA, else cpu; but any model under --time-budget on a training split under 16 MB
 # gets the small preset (docs/training.md, "Five minutes on tiny Shakespeare"). --preset cpu keeps cpu.
 SMALL_CORPUS_BYTES = 16 << 20
 NEVER = 10 ** 9  # an evaluation interval no run reaches
@@ -114,10 +115,16 @@ class TrainConfig:
 # The recipe
 # ---------------------------------------------------------------------------------------------------------
 
-def lr_at(step: int, tc: TrainConfig, progress: float) -> float:
+def lr_at(step: int, tc: TrainConfig, progress: float, warmup_share: float | None = None) -> float:
     """Linear warmup over the first warmup_steps, times a cosine from lr down to lr * min_lr_ratio as
-    progress goes from 0 to 1 (progress = step / steps, or the fraction of the time budget spent)."""
+    progress goes from 0 to 1 (progress = step / steps, or the fraction of the time budget spent).
+
+    Under a time budget the warmup follows the clock as well: it also ends once warmup_share of the budget
+    is spent (the planned warmup_steps / steps), so that a slow machine, which takes fewer steps in the
+    same time, does not spend most of them warming up."""
     warmup = min(1.0, (step + 1) / max(1, tc.warmup_steps))
+    if warmup_share:
+        warmup = max(warmup, min(1.0, progress / warmup_share))
     cosine = tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return tc.lr * warmup * cosine
 
@@ -195,7 +202,7 @@ def train_loop(task: Task, corpus, run: Run, opts) -> dict:
     progress = run.progress(step)
     while progress < 1.0:
         # --- solution: stage 8: one step: lr, batch, zero_grad, forward/backward, clip, AdamW step (paper §4) ---
-        lr = lr_at(step, tc, progress)
+        lr = lr_at(step, tc, progress, run.warmup_share(tc.warmup_steps))
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y = task.batch(corpus.train, step)
@@ -382,8 +389,9 @@ def settings(args, preset_name: str, device: torch.device):
 
 
 def small_by_default(args, preset_name: str, train_bytes: int) -> bool:
-    """The rule of the defaults block: a BLT run on CPU under --time-budget, no --preset, a small training split."""
-    return (args.preset is None and preset_name == "cpu" and args.time_budget is not None and args.model == "blt"
+    """The rule of the defaults block: a run on CPU under --time-budget, no --preset, a small training split (the
+    same rule for BLT and both baselines: each model's plain command is what tools/race.py compares)."""
+    return (args.preset is None and preset_name == "cpu" and args.time_budget is not None
             and train_bytes < SMALL_CORPUS_BYTES)
 
 

@@ -61,6 +61,10 @@ def test_lr_schedule_warmup_then_cosine():
     tc = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
     assert lr_at(0, tc, 0.0) == pytest.approx(0.1) and lr_at(9, tc, 0.0) == pytest.approx(1.0)
     assert lr_at(50, tc, 0.5) == pytest.approx(0.55) and lr_at(99, tc, 1.0) == pytest.approx(0.1)
+    # Under a time budget the warmup also ends when its share of the budget is spent, whichever comes first.
+    assert lr_at(0, tc, 0.05, warmup_share=0.1) == pytest.approx(0.5 * lr_at(0, tc, 0.05, warmup_share=1e-9))
+    assert lr_at(2, tc, 0.2, warmup_share=0.1) == pytest.approx(lr_at(50, tc, 0.2))  # warm after 3 of 10 steps
+    assert lr_at(8, tc, 0.01, warmup_share=0.1) == pytest.approx(0.9 * lr_at(50, tc, 0.01))  # the steps came first
 
 
 def test_end_to_end_resume_is_exact(corpus_file, tmp_path):
@@ -181,7 +185,7 @@ def test_checkpoint_conflicts_leave_files_intact(corpus_file, tmp_path):
 # ---- the default preset: small for BLT under a time budget on a small corpus ----
 
 BEST_300S = ["--patching", "space", "--config", "hash_ngram_sizes=[3,4,5]", "--seq-len", "128", "--batch-size", "16",
-             "--warmup-steps", "30", "--lr", "3e-3", "--weight-decay", "0.5", "--eval-interval", "100000"]
+             "--warmup-steps", "30", "--lr", "3e-3", "--weight-decay", "0.5"]
 
 
 def resolved(argv: list[str], preset: str) -> tuple:
@@ -199,7 +203,7 @@ def test_small_preset_is_the_default_for_a_time_budget_on_a_small_corpus():
     assert not chosen()  # a step count: the cpu preset
     assert not chosen("--time-budget", "300", size=train.SMALL_CORPUS_BYTES)  # a large corpus
     assert not chosen("--time-budget", "300", "--preset", "cpu")
-    assert not chosen("--time-budget", "300", "--model", "byte")  # the settings were found for BLT
+    assert chosen("--time-budget", "300", "--model", "byte") and chosen("--time-budget", "300", "--model", "bpe")
     assert not chosen("--time-budget", "300", preset="gpu")  # CUDA
 
 

@@ -2,16 +2,21 @@
 wall-clock budget, one after another on this machine, all scored on the same held-out bytes.
 
     python tools/race.py --data tinyshakespeare --time-budget 300     # 4 runs of 300 s: about 21 minutes
+    python tools/race.py --data tinyshakespeare --time-budget 300 --controls   # and 2 controls (6 runs)
     python tools/race.py --time-budget 600                            # the default corpus, 10 minutes each
     python tools/race.py --data tinyshakespeare --time-budget 300 --publish   # also rewrite the README's table
 
 What a user with a laptop sees is wall-clock time, not FLOPs (paper section 4.5 counts FLOPs). Each run is
 exactly the command a user would type, `python train.py --data D --time-budget S` plus one flag:
 
-    BLT               (nothing: the plain command; under a budget on a small corpus, the small preset)
+    BLT               (nothing: the plain command)
     BLT --preset cpu  (entropy patching: the entropy model trains first, inside the same budget)
     BPE               --model bpe
     byte              --model byte
+
+Under a budget on a training split under 16 MB every plain command picks the small preset (train.py's
+defaults block): settings found for BLT, given to the baselines alike. --controls adds the baselines with the
+cpu preset's settings, which asks whether the plain command is each baseline's best.
 
 Under --time-budget no model evaluates along the way (train.py's rule for every preset), so none loses
 seconds that another keeps; each ends with the same evaluation over the whole validation split, inside its
@@ -41,6 +46,10 @@ RUNS = [  # (name in the table, folder, extra flags): the plain commands
     ("BPE transformer, `--model bpe`", "bpe", ["--model", "bpe"]),
     ("byte transformer, `--model byte`", "byte", ["--model", "byte"]),
 ]
+CONTROLS = [  # the baselines with their settings for step-counted runs: is the plain command their best?
+    ("control: BPE transformer, `--model bpe --preset cpu`", "bpe-cpu", ["--model", "bpe", "--preset", "cpu"]),
+    ("control: byte transformer, `--model byte --preset cpu`", "byte-cpu", ["--model", "byte", "--preset", "cpu"]),
+]
 PUBLISHED = (ROOT / "README.md", ROOT / "docs" / "training.md")
 
 
@@ -49,18 +58,25 @@ def markers(data: str, budget: float) -> tuple[str, str]:
     return f"<!-- {key}:start -->", f"<!-- {key}:end -->"
 
 
+def read_log(log: Path) -> list[dict] | None:
+    try:
+        return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return None
+
+
+def final_of(records: list[dict] | None) -> dict | None:
+    """The final evaluation record in a metrics log (train.py's Run.finish), or None if it did not finish."""
+    return next((r for r in reversed(records or []) if r.get("type") == "eval" and "stage_seconds" in r), None)
+
+
 def final_record(folder: Path) -> tuple[dict, list[dict]] | None:
     """The final evaluation of the one model trained in `folder` (None if it did not finish), and its log. For
     BLT --preset cpu, the BLT's log (the entropy model's is entropy.jsonl)."""
     logs = [p for p in sorted(folder.glob("*.jsonl")) if p.stem != "entropy"]
-    if len(logs) != 1:
-        return None
-    try:
-        records = [json.loads(line) for line in logs[0].read_text().splitlines() if line.strip()]
-    except (OSError, ValueError):
-        return None
-    finals = [r for r in records if r.get("type") == "eval" and "stage_seconds" in r]
-    return (finals[-1], records) if finals else None
+    records = read_log(logs[0]) if len(logs) == 1 else None
+    final = final_of(records)
+    return (final, records) if final else None
 
 
 def machine() -> str:
@@ -120,6 +136,11 @@ def table(rows: list[dict], data: str, budget: float, where: str) -> str:
     return "\n".join(lines)
 
 
+def shown(path: Path) -> str:
+    """A page's path as the user reads it: relative to the repository when inside it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def publish(text: str, start: str, end: str) -> list[Path]:
     """Rewrite the part of each published page between this race's markers; returns the pages rewritten.
     A page without the markers is left alone (with a warning)."""
@@ -128,7 +149,7 @@ def publish(text: str, start: str, end: str) -> list[Path]:
         try:
             body = page.read_text()
             if start not in body or end not in body:
-                print(f"warning: {page.relative_to(ROOT)} has no {start} ... {end} markers; left as it is",
+                print(f"warning: {shown(page)} has no {start} ... {end} markers; left as it is",
                       file=sys.stderr)
                 continue
             before, rest = body.split(start, 1)
@@ -146,18 +167,21 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="folder for the runs (default: out/race-<corpus>-<budget>s)")
     p.add_argument("--only", default=None, help="comma-separated run folders to race (default: all: "
                    + ",".join(f for _, f, _ in RUNS) + ")")
+    p.add_argument("--controls", action="store_true",
+                   help="also race the BPE and byte transformers with the cpu preset's settings (6 runs in all)")
     p.add_argument("--extra", default="", help=argparse.SUPPRESS)  # flags added to every run (tests: --preset smoke)
     p.add_argument("--publish", action="store_true", help="write the table into README.md and docs/training.md")
     args = p.parse_args(argv)
     if not args.time_budget > 0:
         p.error(f"--time-budget must be a number > 0, not {args.time_budget:g}")
-    runs = RUNS
+    runs = RUNS + CONTROLS if args.controls else RUNS
     if args.only:
         wanted = args.only.split(",")
-        unknown = set(wanted) - {f for _, f, _ in RUNS}
+        unknown = set(wanted) - {f for _, f, _ in RUNS + CONTROLS}
         if unknown:
-            p.error(f"--only: unknown run(s) {', '.join(sorted(unknown))}; choose from {', '.join(f for _, f, _ in RUNS)}")
-        runs = [r for r in RUNS if r[1] in wanted]
+            p.error(f"--only: unknown run(s) {', '.join(sorted(unknown))}; choose from "
+                    f"{', '.join(f for _, f, _ in RUNS + CONTROLS)}")
+        runs = [r for r in RUNS + CONTROLS if r[1] in wanted]
     stem = Path(args.data).stem if os.sep in args.data else args.data
     out = Path(args.out or ROOT / "out" / f"race-{stem}-{args.time_budget:g}s")
     try:
@@ -174,7 +198,7 @@ def main(argv=None) -> int:
                 sys.exit(f"error: {out / folder} holds no finished run after train.py; see {out / 'race.log'}")
         else:
             print(f"{name}: finished earlier in {out / folder}, reused")
-        entropy = final_record_of(out / folder / "entropy.jsonl")
+        entropy = final_of(read_log(out / folder / "entropy.jsonl")) if (out / folder / "entropy.jsonl").is_file() else None
         rows.append(row(name, *done, entropy))
         r = rows[-1]
         print(f"{name}: {r['steps']} steps, {r['bytes_seen'] / 1e6:.2f} MB seen, {r['gflop_per_s']:.1f} GFLOP/s, "
@@ -186,19 +210,8 @@ def main(argv=None) -> int:
     (out / "race.json").write_text(json.dumps({"machine": where, "rows": rows}, indent=1) + "\n")
     if args.publish:
         rewritten = publish(text, *markers(args.data, args.time_budget))
-        print("rewrote " + (", ".join(str(p.relative_to(ROOT)) for p in rewritten) or "nothing"))
+        print("rewrote " + (", ".join(shown(p) for p in rewritten) or "nothing"))
     return 0
-
-
-def final_record_of(log: Path) -> dict | None:
-    """The final evaluation record in one metrics log, or None."""
-    if not log.is_file():
-        return None
-    try:
-        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    except (OSError, ValueError):
-        return None
-    return next((r for r in reversed(records) if r.get("type") == "eval" and "stage_seconds" in r), None)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,113 @@
+"""BLT on the clock: the defaults every time-budgeted run shares (the dtype this machine runs fastest, no
+evaluation along the way), tools/race.py end to end on a tiny corpus, and bench_train's BPE trainer."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from runtime import default_dtype, native_bf16
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+import race  # noqa: E402
+
+
+@pytest.mark.parametrize("flags, native", [
+    ("fpu vme sse sse2 avx avx2 fma", False),  # AVX2 only: bf16 would be emulated
+    ("fpu sse2 avx2 avx512f avx512bw avx512vl", False),  # AVX-512 without its BF16 extension
+    ("fpu avx2 avx512f avx512_bf16", True),
+    ("fpu avx2 avx512f amx_bf16 amx_tile", True),
+])
+def test_native_bf16_reads_the_cpu_flags(tmp_path, flags, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    assert native_bf16(torch.device("cpu"), str(cpuinfo)) is native
+
+
+def test_native_bf16_on_arm(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nFeatures\t: fp asimd evtstrm aes sve bf16 i8mm\n")
+    assert native_bf16(torch.device("cpu"), str(cpuinfo))
+    cpuinfo.write_text("processor\t: 0\nFeatures\t: fp asimd evtstrm aes\n")
+    assert not native_bf16(torch.device("cpu"), str(cpuinfo))
+
+
+def settings(*flags: str):
+    args = train.parse_args(["--data", "tinyshakespeare", *flags], train.PRESETS)
+    return train.settings(args, "cpu", torch.device("cpu"))
+
+
+def test_dtype_defaults_to_the_fast_one_here_and_the_flag_wins():
+    _, _, _, tc, entropy_tc, _, _ = settings()
+    assert tc.dtype == entropy_tc.dtype == default_dtype(torch.device("cpu"))
+    for dtype in ("bf16", "fp32"):
+        _, _, _, tc, entropy_tc, _, _ = settings("--dtype", dtype)
+        assert tc.dtype == entropy_tc.dtype == dtype
+
+
+@pytest.mark.parametrize("model", ["blt", "bpe", "byte"])
+def test_no_periodic_evaluation_under_a_time_budget_for_every_model(model):
+    opts = settings("--model", model, "--time-budget", "300")[5]
+    assert opts.eval_interval == opts.checkpoint_interval == train.NEVER  # every second trains, for every model
+    assert settings("--model", model, "--time-budget", "300", "--eval-interval", "7")[5].eval_interval == 7
+    assert settings("--model", model)[5].eval_interval == train.PRESETS["cpu"]["eval_interval"]  # steps: as before
+
+
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("race") / "text.txt"
+    path.write_text("".join(f"Line {i}: the quick brown fox jumps over the lazy dog, {i * 7 % 13} times.\n"
+                            for i in range(400)))
+    return path
+
+
+def test_race_runs_each_plain_command_reuses_finished_runs_and_publishes_only_when_asked(small_text, tmp_path,
+                                                                                         monkeypatch, capsys):
+    out = tmp_path / "race"
+    argv = ["--data", str(small_text), "--time-budget", "12", "--out", str(out), "--only", "blt,bpe",
+            "--extra", "--preset smoke --seq-len 32"]
+    commands = []
+    real_run = race.run_one
+    monkeypatch.setattr(race, "run_one", lambda *a: (commands.append(a), real_run(*a)))
+    pages = [tmp_path / "README.md", tmp_path / "training.md"]
+    start, end = race.markers(str(small_text), 12)
+    pages[0].write_text(f"intro\n{start}\nold table\n{end}\nrest\n")
+    pages[1].write_text("no markers here\n")
+    monkeypatch.setattr(race, "PUBLISHED", tuple(pages))
+    assert race.main(argv) == 0
+    assert [c[1][:2] for c in commands] == [["--preset", "smoke"], ["--model", "bpe"]]  # the plain commands
+    printed = capsys.readouterr().out
+    table = [line for line in printed.splitlines() if line.startswith("| ")]
+    assert len(table) == 3 and table[0].startswith("| command (`--time-budget 12`) | steps | bytes seen")
+    assert pages[0].read_text() == f"intro\n{start}\nold table\n{end}\nrest\n"  # nothing published unasked
+    for line in table[1:]:
+        steps, seen, mflop, gflops, bpb = (cell.strip().strip("*") for cell in line.split("|")[2:7])
+        assert int(steps.replace(",", "")) >= 1 and float(mflop) > 0 and float(gflops) > 0 and 0 < float(bpb) < 9
+    # Again, with --publish: both runs are reused (no train.py), the table lands between the markers only.
+    commands.clear()
+    assert race.main([*argv, "--publish"]) == 0
+    captured = capsys.readouterr()
+    assert commands == [] and "reused" in captured.out and "rewrote README.md" not in captured.out
+    body = pages[0].read_text()
+    assert body.startswith(f"intro\n{start}\n`python tools/race.py") and body.endswith(f"{end}\nrest\n")
+    assert "old table" not in body and all(line in body for line in table)
+    assert pages[1].read_text() == "no markers here\n" and "no <!-- race" in captured.err
+
+
+def test_race_refuses_unknown_runs_and_bad_budgets(capsys):
+    for argv in (["--only", "blt,gpt"], ["--time-budget", "0"]):
+        with pytest.raises(SystemExit) as e:
+            race.main(argv)
+        assert e.value.code == 2
+    assert "unknown run(s) gpt" in capsys.readouterr().err
+
+
+def test_bench_trains_the_bpe_model_on_real_text():
+    import bench_train
+    trainer = bench_train.Trainer("smoke", "bpe", "fp32")
+    assert trainer.kind == "bpe" and 1.5 < trainer.tokens.train_bytes_per_token < 8  # text, not random bytes
+    assert trainer.step(0) > 0 and set(trainer.split) == {"forward", "backward", "clip + AdamW"}
+    assert trainer.bytes_per_step == pytest.approx(trainer.tc.batch_size * trainer.tokens.bytes_per_window)
+    assert trainer.flops_per_byte() > 0
