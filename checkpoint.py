@@ -141,7 +141,7 @@ def build_model(kind: str, config: dict, device: str | torch.device | None = Non
 
 
 def load_checkpoint(path, kinds=KINDS) -> tuple[str, object, torch.nn.Module]:
-    """Checkpoint -> (kind, config, model in eval mode on the CPU). kind "blt": BLTConfig and BLT (with its
+    """Checkpoint -> (kind, config, float32 model in eval mode on the CPU). kind "blt": BLTConfig and BLT (with its
     entropy model); "entropy" or "byte": ByteLMConfig and EntropyModel; "bpe": TokenLMConfig and TokenLM, with
     model.tokens (tokens.TokenSetup: the tokenizer and window length it was trained with). Raises CheckpointError."""
     ckpt = read_checkpoint(path)
@@ -156,6 +156,8 @@ def load_checkpoint(path, kinds=KINDS) -> tuple[str, object, torch.nn.Module]:
         model.load_state_dict(ckpt["model"], assign=True)
     except (TypeError, ValueError, RuntimeError, KeyError, AttributeError) as e:
         raise CheckpointError(f"{path}: weights do not fit the config stored with them: {_first_line(e)}") from None
+    if any(w.is_floating_point() and w.dtype != torch.float32 for w in model.state_dict().values()):
+        model.float()  # stored in bf16 (tools/convert.py --dtype bfloat16): assign=True kept it; run in float32
     if ckpt["kind"] == "bpe":
         try:
             model.tokens = TokenSetup.from_checkpoint(ckpt)

@@ -100,6 +100,9 @@ def parse_args(argv, presets) -> argparse.Namespace:
     p.add_argument("--out", type=nonempty, default=None, help="output folder (default: out/<corpus>-<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the checkpoints in --out (finished stages are skipped)")
     p.add_argument("--overwrite", action="store_true", help="start over even if --out holds checkpoints")
+    p.add_argument("--new-corpus", action="store_true",
+                   help="with --resume: continue checkpoints trained on another corpus on --data (the metrics log "
+                        "marks the change); without it such a resume is refused")
     p.add_argument("--time-budget", type=number(above=0), default=None, metavar="SECONDS",
                    help="wall-clock budget for the whole command, instead of --steps; the schedules follow the clock")
     p.add_argument("--steps", type=pos, default=None, help="training steps of the main model")
@@ -141,6 +144,8 @@ def check_flags(args):
     """Flags that contradict each other: refused with both named, never one silently dropped."""
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other")
+    if args.new_corpus and not args.resume:
+        raise UsageError("--new-corpus continues a checkpoint on another corpus: it needs --resume")
     if args.time_budget is not None and (args.steps or args.entropy_steps):
         raise UsageError(f"--time-budget and --{'steps' if args.steps else 'entropy-steps'} both set how long to "
                          f"train: give one")
@@ -209,6 +214,9 @@ def pick_device(name: str | None, dist) -> torch.device:
     """--device, or the default (cuda if available), checked against this machine."""
     default = (f"cuda:{dist.local_rank}" if dist.enabled else "cuda") if torch.cuda.is_available() else "cpu"
     device = torch.device(name or default)
+    if dist.enabled and name and device.type != "cpu":  # checked first: the same answer on any machine
+        raise UsageError(f"--device {name}: under torchrun each process takes the GPU of its LOCAL_RANK; drop "
+                         f"--device (--device cpu alone is allowed: gloo CPU processes, also on a GPU machine)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available here")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
@@ -216,8 +224,6 @@ def pick_device(name: str | None, dist) -> torch.device:
                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"--device {name}: MPS is not available here")
-    if dist.enabled and name and device.type == "cuda":
-        raise UsageError("under torchrun each process takes the GPU of its LOCAL_RANK; drop --device")
     return device
 
 

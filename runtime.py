@@ -6,6 +6,7 @@
                   the metrics log, checkpoints, the progress bar and the curves
     report        the one line on stderr, and the exit code, for whatever ended the command
     start_or_resume   whether a stage starts fresh, continues its checkpoint, or refuses to touch it
+    FolderLock        one run at a time in an output folder
     finished_entropy_model   stage 1's checkpoint, for stages 2 and 3
     autocast, to_device   the compute dtype and host-to-device copies
     default_dtype         bf16 where this device multiplies bf16 natively, else fp32
@@ -15,6 +16,7 @@ Each of these is one line inside the loop. Nothing here changes what is computed
 takes the same steps on the same batches whether it ran in one piece, was stopped by Ctrl-C and resumed, or
 ran over several processes.
 """
+import fcntl
 import json
 import math
 import os
@@ -238,10 +240,76 @@ def report(e: BaseException) -> int:
     return code
 
 
+class FolderLock:
+    """One run at a time in an output folder: `with FolderLock(folder):` holds an exclusive flock on
+    folder/.lock, whose text, "pid command", names the holder in the message a second run gets. The operating
+    system drops the lock when its process ends, however it ends (a SIGKILL included), so a killed run never
+    blocks the next one. Re-entrant within a process (a tool that runs train.main in-process). Under torchrun
+    rank 0 takes it and every rank learns whether it got it, so all ranks go on or all stop."""
+    NAME = ".lock"
+    held: dict = {}  # resolved folder -> [file descriptor, depth], in this process
+
+    def __init__(self, folder: Path):
+        self.folder, self.key = Path(folder), Path(folder).resolve()
+
+    def __enter__(self):
+        refused = ""
+        if DIST.main and self.key in self.held:
+            self.held[self.key][1] += 1
+        elif DIST.main:
+            try:
+                refused = self._take()
+            except StorageError as e:  # told on every rank below, rather than leaving the others waiting
+                refused = str(e)
+        if int(DIST.max([float(bool(refused))])[0]):
+            raise UsageError(refused or f"{self.folder} is held by another run (rank 0 says which)")
+        return self
+
+    def _take(self) -> str:
+        """Take the lock, or return why not (one line naming the folder and the holder)."""
+        path = self.folder / self.NAME
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StorageError(f"cannot write in the output folder {self.folder}: {os_reason(e)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # another process holds it: "pid command" is in the file
+            pid, _, command = os.read(fd, 300).decode(errors="replace").strip().partition(" ")
+            os.close(fd)
+            return (f"{self.folder} is in use by process {pid or 'unknown'}" + (f" ({command})" if command else "")
+                    + ": one run per output folder; wait for it to end, or use --out DIR")
+        command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python"
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {command[:200]}\n".encode())
+        self.held[self.key] = [fd, 1]
+        return ""
+
+    def __exit__(self, *exc):
+        entry = self.held.get(self.key) if DIST.main else None
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self.held[self.key]
+                os.close(entry[0])  # releases the flock; the file stays (deleting it would race a new holder)
+        return False
+
+
+def same_corpus(a: dict, b: dict) -> bool:
+    """Two data.ByteCorpus.record()s of the same bytes (the name may differ: a file moved or renamed)."""
+    return all(a.get(k) == b.get(k) for k in ("train_bytes", "val_bytes", "sha256"))
+
+
+def describe_corpus(record: dict) -> str:
+    return f"{record.get('name')} ({record.get('train_bytes', 0) + record.get('val_bytes', 0):,} bytes, " \
+           f"sha256 {str(record.get('sha256'))[:12]})"
+
+
 def start_or_resume(ckpt_path: Path, saved: dict, steps: int, budget, opts) -> dict | None:
     """None to start fresh; the checkpoint to continue (or to skip, if done). Refuses to overwrite a
     checkpoint without --resume or --overwrite, and refuses one written with another config, tokenizer or
-    step count."""
+    step count, or on another corpus unless opts.new_corpus (checkpoints from before the corpus record
+    resume as they are)."""
     if not ckpt_path.exists() or opts.overwrite:
         return None
     if not opts.resume:
@@ -250,6 +318,10 @@ def start_or_resume(ckpt_path: Path, saved: dict, steps: int, budget, opts) -> d
     ckpt = read_training_checkpoint(ckpt_path)
     if ckpt["kind"] != saved["kind"]:
         raise CheckpointError(f"{ckpt_path} holds a {ckpt['kind']} model, not a {saved['kind']} model")
+    old, new = ckpt.get("corpus"), saved.get("corpus")
+    if isinstance(old, dict) and new is not None and not same_corpus(old, new) and not getattr(opts, "new_corpus", False):
+        raise UsageError(f"{ckpt_path} was trained on {describe_corpus(old)}, not on --data {describe_corpus(new)}: "
+                         f"resume with the same --data, or pass --new-corpus to continue on this one")
     diff = next(filter(None, (config_difference(ckpt.get(k, {}), saved[k]) for k in ("config", "train", "tokens")
                               if k in saved)), None)  # "tokens" holds the tokenizer's digest, not its JSON
     if not diff and budget is None and ckpt["time_budget"] is None and ckpt["steps"] != steps:
@@ -399,6 +471,11 @@ class Run:
         if DIST.main:
             self.log = MetricsLog(self.ckpt_path.with_suffix(".jsonl"), r.get("log_records") if r else None,
                                   step if r else None)
+        old, new = (r or {}).get("corpus"), self.saved.get("corpus")
+        if isinstance(old, dict) and new is not None and not same_corpus(old, new):  # --new-corpus: say so, and log it
+            DIST.say(f"{self.name}: continuing at step {step} on {describe_corpus(new)}, trained so far on "
+                     f"{describe_corpus(old)}")
+            self.write({"type": "corpus", "step": step, "from": old, "to": new})
         self.logged_step, self.logged_time = step, self.clock.elapsed()  # for bytes/s between log lines
         # On a terminal only (disable=None): in a pipe or a log file the bar would bury the messages.
         self.bar = tqdm(total=None if self.time_budget else self.steps, initial=step, desc=self.name, unit="step",

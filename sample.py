@@ -16,14 +16,17 @@ decoder's cross-attention reads one patch's slots through incremental.PatchReade
 through incremental.PatchPooler and the newest byte's hash n-grams come from incremental.NewestByteEmbedding;
 a row's patch decision looks only at the tail of its history that patching.py's rules can see (for the entropy
 rules, H[t] and H[t-1]). Entropies are the training code's own function; every shortcut computes what the
-training code computes, and tests/test_sample.py holds them to it. A byte-level model (train.py --model byte)
-generates the same way, one cached step per byte, for comparison (tools/bench_sample.py).
+training code computes, and tests/test_sample.py holds them to it. A byte-level model (train.py --model byte,
+or the entropy model itself) generates the same way, one cached step per byte, for comparison
+(tools/bench_sample.py). A BPE token model (train.py --model bpe) takes one cached step per token
+(`generate_tokens`): the prompt is encoded with its tokenizer, the tokens it samples are decoded to bytes.
 
 `--naive` recomputes the entropy model and the whole BLT on the full prefix for every byte, as Meta's released
 generator does; it is the reference the incremental generator is tested against.
 
     python sample.py --checkpoint out/shakespeare-cpu/blt_entropy.pt --prompt "ROMEO:" --max-bytes 300 --show-patches
     python sample.py --checkpoint out/shakespeare-cpu/byte.pt --prompt "ROMEO:"
+    python sample.py --checkpoint out/shakespeare-cpu/bpe.pt --prompt "ROMEO:" --show-patches   # token boundaries
 """
 import argparse
 import codecs
@@ -41,10 +44,11 @@ from blt import BLT
 from checkpoint import CheckpointError, StorageError, load_checkpoint, os_reason
 from entropy_model import EntropyModel, entropy_from_logits
 from incremental import CachedByteLM, CachedStack, Head, NewestByteEmbedding, PatchPooler, PatchReader, transposed
-from patching import EOS_ID, OFFSET, detokenize, limit_patch_length, patch_starts, tokenize
+from patching import BOS_ID, EOS_ID, OFFSET, detokenize, limit_patch_length, patch_starts, tokenize
 from options import SEED, THREADS, Parser, int_at_least, nonempty, number
 from plots import plot_entropies
 from runtime import STOP, UsageError
+from tokens import TokenLM
 
 
 class IncrementalBLT:
@@ -205,7 +209,8 @@ class IncrementalBLT:
 
 
 class IncrementalByteLM:
-    """The byte-level baseline (train.py --model byte) with KV caches: one step per byte, like IncrementalBLT."""
+    """The byte-level baseline (train.py --model byte) or the entropy model with KV caches: one step per byte,
+    like IncrementalBLT. A BPE token model (tokens.TokenLM, the same stack) steps the same way, one token per step."""
 
     def __init__(self, model: EntropyModel, batch_size: int, capacity: int = 256):
         self.model, self.B, self.t = model, batch_size, 0
@@ -228,9 +233,10 @@ def naive_logits(model: BLT, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator) -> torch.Tensor:
-    """(B, V) logits -> (B,) ids. temperature 0 is greedy. Special ids other than EOS are never sampled."""
-    logits = logits.float() + never_sampled(logits.shape[-1], logits.device)
+                generator: torch.Generator, banned: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, V) logits -> (B,) ids. temperature 0 is greedy. banned (V,): -inf where an id is never sampled, 0
+    elsewhere; by default the byte vocabulary's special ids other than EOS."""
+    logits = logits.float() + (never_sampled(logits.shape[-1], logits.device) if banned is None else banned)
     if temperature == 0:
         return logits.argmax(-1)
     if temperature != 1:
@@ -300,12 +306,47 @@ def generate(model: BLT | EntropyModel, prompt: bytes, max_bytes: int, *, batch_
     return tokens, state
 
 
+def generate_tokens(model: TokenLM, prompt: bytes, max_bytes: int, *, batch_size: int = 1,
+                    temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                    naive: bool = False, on_token=None):
+    """generate for a BPE token model (train.py --model bpe; model.tokens holds its tokenizer): BOS and the
+    prompt's tokens, then sampled tokens until every row spells at least max_bytes bytes (the caller cuts the
+    bytes there). A token model has no EOS, and BOS is never sampled. Returns (ids (B, N), the incremental
+    generator (IncrementalByteLM over the token stack), or None if naive); on_token(ids (B,)) after each token.
+
+    The prompt is encoded on its own, so its last token may be shorter than the text would merge into."""
+    tok = model.tokens.tokenizer
+    spelled_by = torch.tensor([len(b) for b in tok.token_bytes])  # (V,) bytes each id decodes to
+    banned = torch.zeros(tok.vocab_size)
+    banned[tok.bos_id] = float("-inf")
+    model.eval()
+    with torch.inference_mode():
+        generator = torch.Generator().manual_seed(seed)
+        prompt_ids = torch.tensor([tok.bos_id, *tok.encode(prompt).tolist()]).expand(batch_size, -1)  # (B, P)
+        ids, spelled = [prompt_ids], torch.zeros(batch_size, dtype=torch.long)
+        state = None if naive else incremental(model, batch_size, capacity=min(prompt_ids.shape[1] + max_bytes, 4096))
+        if state is not None:
+            for t in range(prompt_ids.shape[1]):
+                logits = state.step(prompt_ids[:, t])
+        while int(spelled.min()) < max_bytes:
+            if naive:
+                logits = model(torch.cat(ids, dim=1))[:, -1]  # the whole prefix, recomputed
+            nxt = sample_next(logits, temperature, top_k, top_p, generator, banned)
+            ids.append(nxt[:, None])
+            spelled += spelled_by[nxt]
+            if on_token is not None:
+                on_token(nxt)
+            if state is not None and int(spelled.min()) < max_bytes:
+                logits = state.step(nxt)
+    return torch.cat(ids, dim=1), state
+
+
 # ---- command line ----
 
-def load_model(path: str) -> BLT | EntropyModel:
-    """A BLT (as load_blt) or a byte-level model (train.py --model byte) from a checkpoint; CheckpointError
-    otherwise."""
-    kind, _, model = load_checkpoint(path, kinds=("blt", "byte"))
+def load_model(path: str) -> BLT | EntropyModel | TokenLM:
+    """A BLT (as load_blt), a byte-level model (train.py --model byte, or the entropy model) or a BPE token
+    model (train.py --model bpe) from a checkpoint; CheckpointError otherwise."""
+    kind, _, model = load_checkpoint(path)
     return calibrated(model, path) if kind == "blt" else model
 
 
@@ -374,7 +415,7 @@ def show_patches(ids: list[int], starts: list[bool], colour: bool = True) -> str
 
 def parse_args(argv) -> argparse.Namespace:
     """sample.py's flags, each checked as it enters (options.py's types), and their combinations."""
-    p = Parser(description="Generate bytes from a BLT checkpoint (or a byte-level model's).")
+    p = Parser(description="Generate bytes from a BLT checkpoint (or a byte-level, entropy or BPE model's).")
     p.add_argument("--checkpoint", type=nonempty, default="out/shakespeare-cpu/blt_entropy.pt",
                    help="checkpoint written by train.py or tools/convert.py")
     p.add_argument("--prompt", help="prompt string (default: --prompt-file, else stdin if piped, else BOS only)")
@@ -390,7 +431,8 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--no-stop-at-eos", action="store_true", help="keep going after EOS")
     p.add_argument("--naive", action="store_true", help="recompute everything for every byte (reference)")
     p.add_argument("--show-patches", action="store_true",
-                   help="mark patch starts: colours on a terminal, '|' when piped; a start inside a multi-byte "
+                   help="mark patch starts (a BPE model: token starts): colours on a terminal, '|' when piped; a "
+                        "start inside a multi-byte "
                         "character is shown as '¦' (magenta on a terminal) before the character, which is not "
                         "cut; bytes that are not UTF-8 are shown as \\xNN")
     p.add_argument("--plot", help="write a PNG of per-byte entropy with the threshold (entropy schemes)")
@@ -441,16 +483,32 @@ def main(argv=None) -> int:
         return 1
 
 
+def token_starts(tokenizer, ids: list[int]) -> tuple[list[int], list[bool]]:
+    """A BPE model's ids -> (BOS + byte ids, whether each starts a token): show_patches's input, with tokens
+    as the patches."""
+    byte_ids, starts = [BOS_ID], [True]
+    for i in ids:
+        piece = tokenizer.token_bytes[i]
+        byte_ids += [b + OFFSET for b in piece]
+        starts += [True] + [False] * (len(piece) - 1)
+    return byte_ids, starts
+
+
 def run(args) -> int:
     prompt = read_prompt(args)
     model = load_model(args.checkpoint)
-    if not isinstance(model, BLT) and (args.plot or args.show_patches):
-        raise UsageError(f"{'--plot' if args.plot else '--show-patches'} needs a BLT; {args.checkpoint} holds a "
-                         f"byte-level model")
+    bpe = isinstance(model, TokenLM)
+    what = "a BPE model" if bpe else "a byte-level model (one byte per step)"
+    if args.plot and not isinstance(model, BLT):
+        raise UsageError(f"--plot draws a BLT's entropies; {args.checkpoint} holds {what}")
+    if args.show_patches and not (isinstance(model, BLT) or bpe):
+        raise UsageError(f"--show-patches needs a BLT (or a BPE model, for its tokens); {args.checkpoint} holds {what}")
     if args.plot and model.entropy_model is None:
         raise UsageError(f"--plot draws the entropy model's entropies; {args.checkpoint} uses {model.cfg.patching} patching")
     if args.threads or "OMP_NUM_THREADS" not in os.environ:  # else torch has already taken OMP_NUM_THREADS
         torch.set_num_threads(args.threads or max(1, min(4, os.cpu_count() or 1)))
+    spell = model.tokens.tokenizer.decode if bpe else detokenize  # generated ids -> their bytes
+    limit = len(prompt) + args.max_bytes  # a BPE model's last token may spell past --max-bytes: cut there
 
     stream = args.num_samples == 1 and not args.show_patches
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -459,39 +517,47 @@ def run(args) -> int:
         out.write(decoder.decode(prompt))
         out.flush()
     generated = [[] for _ in range(args.num_samples)]  # ids so far, kept if generation is interrupted
+    streamed = [len(prompt)]
 
-    def on_byte(ids):
+    def on_byte(ids):  # one byte per row, or one token
         for row, i in zip(generated, ids.tolist()):
             row.append(i)
-        if stream and int(ids[0]) >= OFFSET:
-            out.write(decoder.decode(bytes([int(ids[0]) - OFFSET])))
+        if stream:
+            piece = spell([int(ids[0])])[:limit - streamed[0]]
+            streamed[0] += len(piece)
+            out.write(decoder.decode(piece))
             out.flush()
 
+    sample = functools.partial(generate_tokens, on_token=on_byte) if bpe else functools.partial(
+        generate, stop_at_eos=not args.no_stop_at_eos, on_byte=on_byte)
     t0 = time.perf_counter()
     try:
-        tokens, state = generate(model, prompt, args.max_bytes, batch_size=args.num_samples,
-                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                                 naive=args.naive, stop_at_eos=not args.no_stop_at_eos, on_byte=on_byte)
+        tokens, state = sample(model, prompt, args.max_bytes, batch_size=args.num_samples, temperature=args.temperature,
+                               top_k=args.top_k, top_p=args.top_p, seed=args.seed, naive=args.naive)
     except KeyboardInterrupt:  # keep what was generated, say so, exit 128 + signal
         if stream:
             out.write(decoder.decode(b"", final=True) + "\n")
         for b, row in enumerate(generated if not stream else []):
             print(f"--- sample {b} ---")
-            print((prompt + detokenize(row)).decode("utf-8", "replace"))
+            print((prompt + spell(row))[:limit].decode("utf-8", "replace"))
         out.flush()
-        print(f"stopped by {STOP.name()} after {len(generated[0])} bytes", file=sys.stderr)
+        n = min(len(spell(generated[0])), args.max_bytes)
+        print(f"stopped by {STOP.name()} after {n} bytes", file=sys.stderr)
         return 128 + (STOP.signum or signal.SIGINT)
     seconds = max(1e-9, time.perf_counter() - t0)
     if stream:
         out.write(decoder.decode(b"", final=True) + "\n")
     for b in range(tokens.shape[0]):
         ids = tokens[b].tolist()
-        if args.show_patches:
+        if args.show_patches and bpe:
+            byte_ids, starts = token_starts(model.tokens.tokenizer, ids[1:])
+            print(show_patches(byte_ids[:1 + limit], starts[:1 + limit], colour=sys.stdout.isatty()))
+        elif args.show_patches:
             starts = [True] + [bool(s[b]) for s in state.starts]  # position 0 (BOS) starts a patch
             print(show_patches(ids[: len(starts)], starts, colour=sys.stdout.isatty()))
         elif not stream:
             print(f"--- sample {b} ---")
-            print(detokenize(ids).decode("utf-8", "replace"))
+            print(spell(ids)[:limit].decode("utf-8", "replace"))
     if args.plot:  # before the summary line, so that a figure that cannot be written is the only line
         ents = [float(e[0]) for e in state.entropies]
         starts = [True] + [bool(s[0]) for s in state.starts]
@@ -500,11 +566,14 @@ def run(args) -> int:
                            model.cfg.patching == "monotonic")
         except (OSError, RuntimeError, ValueError) as e:
             raise StorageError(f"cannot write --plot {args.plot}: {os_reason(e)}") from None
-    n_new = tokens.shape[1] - len(prompt) - 1
+    n_new = args.max_bytes if bpe else tokens.shape[1] - len(prompt) - 1
     info = f"{n_new} bytes x {tokens.shape[0]} in {seconds:.2f}s ({n_new * tokens.shape[0] / seconds:.0f} bytes/s"
     info += f", {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})"
     if isinstance(state, IncrementalBLT):
         info += f", global steps per byte {state.global_steps / max(1, state.t * state.B):.3f}"
+    if bpe:  # every row took as many tokens
+        n_tokens = len(generated[0])
+        info += f", {n_tokens} tokens per sample ({n_new / max(1, n_tokens):.2f} bytes per token)"
     print(info + (f"; wrote {args.plot}" if args.plot else ""), file=sys.stderr)
     return 0
 

@@ -230,6 +230,7 @@ class TokenLM(nn.Module):
     def __init__(self, cfg: TokenLMConfig):
         super().__init__()
         self.cfg, self.head_dim = cfg, cfg.dim // cfg.heads
+        self.rope_theta, self.window = cfg.rope_theta, cfg.window  # as EntropyModel's: incremental.CachedByteLM reads them
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         hidden = swiglu_hidden_dim(cfg.dim, cfg.multiple_of)
         self.layers = nn.ModuleList(TransformerBlock(cfg.dim, cfg.heads, hidden, cfg.norm_eps, cfg.dropout)

@@ -50,8 +50,8 @@ from entropy_model import ByteLMConfig  # noqa: E402
 from patching import average_patch_size, calibrate_threshold, patch_lengths  # noqa: E402
 from tokens import TokenLMConfig, get_token_batch, prepare_tokens  # noqa: E402
 from options import check_batches, check_stop_at, model_configs, parse_args, pick_device  # noqa: E402
-from runtime import (DIST, STOP, Run, UsageError, autocast, default_dtype, draw_curves, finished_entropy_model,  # noqa: E402
-                     report, start_or_resume, to_device)
+from runtime import (DIST, STOP, FolderLock, Run, UsageError, autocast, default_dtype, draw_curves,  # noqa: E402
+                     finished_entropy_model, report, start_or_resume, to_device)
 
 # ---------------------------------------------------------------------------------------------------------
 # Defaults, in one place: the cpu preset; the others list what they change. Flags override single values.
@@ -236,7 +236,8 @@ def train_model(kind: str, name: str, config, make_model, tc: TrainConfig, steps
                 time_budget: float | None, opts, describe: str, tokens=None) -> dict:
     """Train (or continue, or skip if finished) one model into OUT/name.pt; print its summary."""
     ckpt_path = out / f"{name}.pt"
-    saved = {"kind": kind, "config": asdict(config), "train": asdict(tc), **(tokens.saved() if tokens else {})}
+    saved = {"kind": kind, "config": asdict(config), "train": asdict(tc), "corpus": corpus.record(),
+             **(tokens.saved() if tokens else {})}
     resume = start_or_resume(ckpt_path, saved, steps, time_budget, opts)
     if resume is not None and resume["done"]:
         DIST.say(f"{name}: already trained ({resume['step']} steps) in {ckpt_path}, skipping")
@@ -371,7 +372,8 @@ def settings(args, preset_name: str, device: torch.device):
         log_interval=pick(args.log_interval, "log_interval"),
         checkpoint_interval=args.checkpoint_interval or eval_interval,
         calibration_windows=pick(args.calibration_windows, "calibration_windows"), resume=args.resume,
-        overwrite=args.overwrite, stop_at=args.stop_at, micro_batch_size=args.micro_batch_size)
+        overwrite=args.overwrite, stop_at=args.stop_at, micro_batch_size=args.micro_batch_size,
+        new_corpus=args.new_corpus)
     if args.model in ("byte", "bpe"):
         stages = [args.model]
     elif args.stage == "all":
@@ -418,12 +420,13 @@ def run(args):
         preset, blt_cfg, baseline_cfg, tc, entropy_tc, opts, stages = settings(args, preset_name, device)
     name = Path(args.data).stem if os.sep in args.data or Path(args.data).exists() else args.data
     out = output_folder(Path(args.out or Path("out") / f"{name}-{preset_name}"))
-    DIST.say(f"{corpus.describe()} | preset {preset_name}{why} | device {device} | {torch.get_num_threads()} threads"
-             + (f" x {DIST.world} processes" if DIST.enabled else "") + f" | out {out}")
-    budget_left = lambda: None if args.time_budget is None else args.time_budget - (time.time() - t_start)  # noqa: E731
-    run_stages(args, opts, corpus, out, blt_cfg, baseline_cfg, tc, entropy_tc, stages, preset, budget_left)
-    if DIST.main and sorted(out.glob("*.jsonl")):
-        draw_curves(sorted(out.glob("*.jsonl")), out / "curves.png", f"{name}: validation bits per byte")
+    with FolderLock(out):  # one run per output folder; a second one is refused, naming this process
+        DIST.say(f"{corpus.describe()} | preset {preset_name}{why} | device {device} | {torch.get_num_threads()} "
+                 f"threads" + (f" x {DIST.world} processes" if DIST.enabled else "") + f" | out {out}")
+        budget_left = lambda: None if args.time_budget is None else args.time_budget - (time.time() - t_start)  # noqa: E731
+        run_stages(args, opts, corpus, out, blt_cfg, baseline_cfg, tc, entropy_tc, stages, preset, budget_left)
+        if DIST.main and sorted(out.glob("*.jsonl")):
+            draw_curves(sorted(out.glob("*.jsonl")), out / "curves.png", f"{name}: validation bits per byte")
     DIST.say(f"done in {time.time() - t_start:.0f} s; metrics, checkpoints and curves in {out}")
 
 

@@ -215,7 +215,11 @@ CASES = [
     Case("sample-checkpoint-folder", S, ["--checkpoint", "{tmp}"], "{tmp} is a folder, not a checkpoint"),
     Case("sample-checkpoint-unreadable", S, [], "cannot read {out}/blt_entropy.pt: Permission denied",
          faults={"eacces": "{out}/blt_entropy.pt"}),
-    Case("sample-entropy-checkpoint", S, ["--checkpoint", "{out}/entropy.pt"], "holds an entropy model; this needs blt"),
+    # the entropy model samples as a byte LM; what it cannot do is show patches or plot a BLT's entropies
+    Case("sample-entropy-show-patches", S, ["--checkpoint", "{out}/entropy.pt", "--show-patches"],
+         "--show-patches needs a BLT (or a BPE model, for its tokens); {out}/entropy.pt holds a byte-level model"),
+    Case("sample-entropy-plot", S, ["--checkpoint", "{out}/entropy.pt", "--plot", "{tmp}/e.png"],
+         "--plot draws a BLT's entropies; {out}/entropy.pt holds a byte-level model"),
     Case("sample-checkpoint-bad-config", S, ["--checkpoint", "{out}/bad_config.pt"],
          "its config is not usable: local_dim=32, local_heads=3", setup=bad_blt_config),
     Case("sample-checkpoint-uncalibrated", S, ["--checkpoint", "{out}/uncalibrated.pt"],

@@ -14,6 +14,26 @@ sys.path.insert(0, str(REPO / "tools"))
 import patches_vs_tokens as study  # noqa: E402
 
 
+def published_files() -> dict:
+    """The modification times of the files the studies publish: README.md, docs/ and figures/."""
+    paths = [REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "figures").glob("*")]
+    return {p: p.stat().st_mtime_ns for p in paths}
+
+
+@pytest.mark.parametrize("flags,published", [([], True), (["--preset", "smoke"], False), (["--data", "enwik8"], False),
+                                             (["--patch-size", "6"], False), (["--preset", "smoke", "--publish"], True),
+                                             (["--no-publish"], False)])
+def test_experiments_publish_only_the_published_run(flags, published, tmp_path, monkeypatch):
+    """tools/experiments.py rewrites README.md's table and figures/ only for the run whose numbers they hold (the
+    cpu preset, the default corpus and patch size), or when asked with --publish."""
+    import experiments
+    seen = {}
+    monkeypatch.setattr(experiments, "run_all", lambda args, s, out, readme: seen.update(args=args, readme=readme))
+    experiments.main([*flags, "--out", str(tmp_path / "out")])
+    assert seen["readme"] == published
+    assert Path(seen["args"].figures) == (REPO / "figures" if published else tmp_path / "out" / "figures")
+
+
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "text.txt"
@@ -34,11 +54,19 @@ def test_smoke_study_end_to_end(small_corpus, tmp_path):
     out, figures = tmp_path / "study", tmp_path / "figures"
     env = {**os.environ, "BLT_DATA_DIR": str(tmp_path / "cache")}  # the tokenizer cache stays out of data/
     cmd = [sys.executable, str(REPO / "tools" / "experiments.py"), "--study", "tokens", "--preset", "smoke",
-           "--data", str(small_corpus), "--out", str(out), "--figures", str(figures), "--docs", str(tmp_path / "doc.md"), "--readme", str(tmp_path / "readme.md")]
+           "--data", str(small_corpus), "--out", str(out), "--docs", str(tmp_path / "doc.md"), "--readme", str(tmp_path / "readme.md")]
     for page in ("doc.md", "readme.md"):
         (tmp_path / page).write_text(f"# title\n\nprose\n\n{study.DOC_START}\nold\n{study.DOC_END}\n\nmore prose\n")
+    published = published_files()
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    # a smoke run leaves the repository's published results alone, and says where it wrote
+    assert published_files() == published
+    figures = out / "figures"
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"wrote {out / 'results.md'}, ") and str(figures / "patches_vs_tokens.png") in last
+    assert str(tmp_path / "doc.md") in last and last.endswith("README.md, docs/ and figures/ left as they are "
+                                                              "(--publish rewrites them)"), last
 
     numbers = json.loads((out / "results.json").read_text())
     budgets, models = numbers["budgets"], numbers["design"]["models"]

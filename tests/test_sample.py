@@ -1,11 +1,13 @@
-"""Incremental generation equals naive recomputation, for every patching scheme, and for the byte-level model."""
+"""Incremental generation equals naive recomputation, for every patching scheme, for the byte-level model and for
+the BPE token model."""
 import pytest
 import torch
 
 from entropy_model import ByteLMConfig
 from patching import tokenize
-from sample import IncrementalBLT, IncrementalByteLM, generate, naive_logits
+from sample import IncrementalBLT, IncrementalByteLM, generate, generate_tokens, naive_logits
 from test_model import make_model
+from tokens import TokenLMConfig, TokenSetup, train_bpe
 
 TEXT = ("To be, or not to be, that is the question: naïve café — 東京 1999! "
         "Whether 'tis nobler in the mind to suffer the slings and arrows of outrageous fortune, "
@@ -87,6 +89,35 @@ def test_byte_model_incremental_equals_naive(window):
     assert torch.equal(a, b) and a.shape == (1, 6 + 30)
 
 
+def bpe_model(window=None):
+    """A random tiny BPE token model with a tokenizer trained on TEXT (model.tokens, as load_checkpoint sets)."""
+    torch.manual_seed(0)
+    tok = train_bpe(TEXT * 4, 300)
+    model = TokenLMConfig(vocab_size=tok.vocab_size, dim=32, layers=2, heads=2, window=window, multiple_of=16).build()
+    model.tokens = TokenSetup(tok, 16, 2.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@torch.no_grad()
+def test_bpe_model_incremental_equals_naive(window):
+    """The token model one cached step per token: the logits of a full forward, and the same samples."""
+    model = bpe_model(window)
+    ids = torch.tensor([[0, *model.tokens.tokenizer.encode(TEXT[:120]).tolist()]] * 2)
+    state = IncrementalByteLM(model, batch_size=2, capacity=8)
+    incremental = torch.stack([state.step(ids[:, t]) for t in range(ids.shape[1])], dim=1)
+    assert (incremental - model(ids)).abs().max() < 1e-4
+    for kwargs in (dict(temperature=0), dict(temperature=1.0, top_k=50, seed=3, batch_size=3)):
+        a, state = generate_tokens(model, b"To be", 60, **kwargs)
+        b, none = generate_tokens(model, b"To be", 60, naive=True, **kwargs)
+        assert torch.equal(a, b) and state is not None and none is None
+        tok = model.tokens.tokenizer
+        assert a[0, 0] == tok.bos_id and (a[:, 1:] != tok.bos_id).all()  # BOS is never sampled
+        rows = a.tolist()  # every row spells at least 60 bytes after the prompt; one token less, some row would not
+        assert all(tok.decode(row).startswith(b"To be") and len(tok.decode(row)) >= 5 + 60 for row in rows)
+        assert min(len(tok.decode(row[:-1])) for row in rows) < 5 + 60
+
+
 def test_greedy_is_deterministic_and_matches_naive():
     model = make_model("entropy")
     a, _ = generate(model, b"Hello", 40, temperature=0)
@@ -147,7 +178,8 @@ def test_cli_generates_from_a_byte_model(tmp_path):
     assert r.stdout.startswith(b"Hi") and b"12 bytes x 1" in r.stderr and b"global steps" not in r.stderr
     r = run_cli("--checkpoint", str(path), "--prompt", "Hi", "--show-patches")
     assert r.returncode == 1
-    assert r.stderr.decode().strip() == f"error: --show-patches needs a BLT; {path} holds a byte-level model"
+    assert r.stderr.decode().strip() == (f"error: --show-patches needs a BLT (or a BPE model, for its tokens); {path} "
+                                         f"holds a byte-level model (one byte per step)")
 
 
 def test_cli_missing_and_mismatched_checkpoint(checkpoint, tmp_path):

@@ -1,15 +1,21 @@
 """sample.py's command line (issue: bad input and interrupts): --show-patches keeps characters whole on any UTF-8
 text and stays byte-exact on bytes that are not UTF-8; Ctrl-C or SIGTERM keep what was generated and exit
-128 + signal without a traceback; --threads and OMP_NUM_THREADS set the thread count."""
+128 + signal without a traceback; --threads and OMP_NUM_THREADS set the thread count. Every model kind samples:
+BLT, byte, the entropy model, BPE (token boundaries as patches), and a BLT converted to bf16."""
+import json
 import signal
+from dataclasses import asdict
 
 import pytest
 import torch
 
 import clirunner
-from patching import tokenize
-from sample import show_patches
+from patching import detokenize, tokenize
+from checkpoint import load_checkpoint
+from entropy_model import ByteLMConfig
+from sample import generate, generate_tokens, show_patches, token_starts
 from test_model import make_model
+from test_sample import bpe_model
 
 TEXTS = {"cyrillic": "Привет, как дела? Всё хорошо.", "cjk": "東京は日本の首都です。北京、上海。",
          "emoji": "I 🙂 you 🚀🌍, ok 👍🏽!", "mixed": "naïve café — Ωmega 東京 🙂 end"}
@@ -80,3 +86,79 @@ def test_threads_flag_and_omp_num_threads(checkpoints):
     assert r.returncode == 0 and "2 threads)" in r.stderr, r.stderr
     r = clirunner.run("sample.py", *common, env={"OMP_NUM_THREADS": "1"}, fresh=True)  # torch reads it at start
     assert r.returncode == 0 and "1 thread)" in r.stderr, r.stderr
+
+
+def test_bpe_checkpoint_samples_with_token_boundaries(tmp_path):
+    model = bpe_model()
+    path = tmp_path / "bpe.pt"
+    torch.save({"format": 1, "kind": "bpe", "config": asdict(model.cfg), "model": model.state_dict(),
+                **model.tokens.saved()}, path)
+    tok = model.tokens.tokenizer
+    ids, _ = generate_tokens(model, b"To be", 40, temperature=0)
+    want = tok.decode(ids[0].tolist())[:5 + 40]  # cut at --max-bytes, inside a token or not
+    flags = ["--checkpoint", path, "--prompt", "To be", "--max-bytes", "40", "--temperature", "0"]
+    plain = clirunner.run("sample.py", *flags)
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout == want.decode("utf-8", "replace") + "\n"
+    assert "40 bytes x 1" in plain.stderr and "tokens per sample" in plain.stderr
+    assert clirunner.run("sample.py", *flags, "--naive").stdout == plain.stdout
+
+    byte_ids, starts = token_starts(tok, ids[0, 1:].tolist())  # a start at the first byte of every token
+    lengths = [len(tok.token_bytes[i]) for i in ids[0, 1:].tolist()]
+    assert [i for i, s in enumerate(starts) if s] == [0] + [1 + sum(lengths[:j]) for j in range(len(lengths))]
+    marked = clirunner.run("sample.py", *flags, "--show-patches")
+    assert marked.returncode == 0, marked.stderr
+    assert marked.stdout == show_patches(byte_ids[:1 + 45], starts[:1 + 45], colour=False) + "\n"
+    assert marked.stdout.startswith("To| be") and marked.stdout.count("|") >= 5  # the prompt's tokens too
+
+    batch = clirunner.run("sample.py", *flags, "--num-samples", "2", "--temperature", "1")
+    assert batch.returncode == 0 and batch.stdout.count("--- sample") == 2, batch.stderr
+    plot = clirunner.run("sample.py", *flags, "--plot", tmp_path / "x.png")
+    assert plot.returncode == 1 and plot.stderr.strip() == f"error: --plot draws a BLT's entropies; {path} holds a BPE model"
+
+
+def test_entropy_model_checkpoint_samples(tmp_path):
+    torch.manual_seed(0)
+    cfg = ByteLMConfig(dim=32, layers=2, heads=2, window=8, multiple_of=16)
+    path = tmp_path / "entropy.pt"
+    torch.save({"format": 1, "kind": "entropy", "config": asdict(cfg), "model": cfg.build().state_dict()}, path)
+    r = clirunner.run("sample.py", "--checkpoint", path, "--prompt", "Hi", "--max-bytes", "12", "--temperature", "0",
+                      "--no-stop-at-eos")
+    assert r.returncode == 0 and r.stdout.startswith("Hi") and "12 bytes x 1" in r.stderr, r.stderr
+    r = clirunner.run("sample.py", "--checkpoint", path, "--show-patches")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "byte-level model" in r.stderr
+
+
+def test_a_blt_converted_to_bf16_samples_in_float32(tmp_path):
+    """tools/convert.py --dtype bfloat16 (docs/released_models.md), then sample.py: the weights are stored in bf16
+    and run in float32; the samples are those of the float32 model with bf16-rounded weights."""
+    from tools.convert import main as convert, ours_to_hf
+    model = make_model("entropy")
+    hf_config, hf_weights = ours_to_hf(model.cfg, model.state_dict())
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(hf_config))
+    torch.save(hf_weights, folder / "pytorch_model.bin")
+    assert convert([str(folder), str(tmp_path / "bf16.pt"), "--dtype", "bfloat16"]) == 0
+    stored = torch.load(tmp_path / "bf16.pt", weights_only=True)["model"]
+    assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.bfloat16}
+    _, _, loaded = load_checkpoint(tmp_path / "bf16.pt")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    rounded = make_model("entropy")
+    rounded.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in model.state_dict().items()})
+    want, _ = generate(rounded, b"Hello", 30, temperature=0, stop_at_eos=False)
+    r = clirunner.run("sample.py", "--checkpoint", tmp_path / "bf16.pt", "--prompt", "Hello", "--max-bytes", "30",
+                      "--temperature", "0", "--no-stop-at-eos")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == detokenize(want[0]).decode("utf-8", "replace") + "\n"
+
+
+def test_convert_says_what_it_expected(tmp_path):
+    file = tmp_path / "model.pt"
+    file.write_bytes(b"not a folder")
+    for where, why in ((file, "is a file"), (tmp_path / "nothing", "is not there"), (tmp_path, "has no config.json")):
+        r = clirunner.run("tools/convert.py", where, tmp_path / "out.pt")
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and why in lines[0] and "expected a downloaded checkpoint folder" \
+            in lines[0], r.stderr
+    assert not (tmp_path / "out.pt").exists()

@@ -57,6 +57,7 @@ sys.path.insert(0, str(ROOT))  # run from anywhere: the paper modules live at th
 import torch
 
 from blt import BLT, BLTConfig
+from checkpoint import StorageError, atomic_save, os_reason
 from layers import swiglu_hidden_dim
 from patching import VOCAB_SIZE, lengths_from_starts
 
@@ -518,10 +519,22 @@ def load_weights(folder: str, stem: str = "model") -> dict:
     raise ConversionError(f"no weights in {folder} (looked for model.safetensors, pytorch_model.bin, consolidated.pth)")
 
 
+EXPECTED = "a downloaded checkpoint folder: config.json with model.safetensors or pytorch_model.bin"
+
+
 def read_folder(folder: str, entropy_dir: str | None = None) -> tuple[BLTConfig, dict, str]:
     """A downloaded checkpoint folder -> (BLTConfig, our state dict, description of the source format)."""
+    if not os.path.isdir(folder):
+        raise ConversionError(f"{folder} is {'a file' if os.path.exists(folder) else 'not there'}: expected {EXPECTED}")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ConversionError(f"{folder} has no config.json: expected {EXPECTED}")
+    if entropy_dir is not None and not os.path.isdir(entropy_dir):
+        raise ConversionError(f"--entropy-dir {entropy_dir} is not a folder: expected the entropy model's folder "
+                              f"(params.json and consolidated.pth), e.g. a download of facebook/blt-entropy")
     with open(os.path.join(folder, "config.json")) as f:
         config = json.load(f)
+    if not isinstance(config, dict):
+        raise ConversionError(f"{folder}/config.json holds no BLT config: expected {EXPECTED}")
     if "args" in config:  # Meta's release
         entropy_dir = entropy_dir or (os.path.join(folder, "entropy_model")
                                       if os.path.isdir(os.path.join(folder, "entropy_model")) else None)
@@ -562,14 +575,21 @@ def main(argv=None):
     try:
         cfg, sd, source = read_folder(args.folder, args.entropy_dir)
         check_shapes(cfg, sd)
-    except (ConversionError, OSError, KeyError, json.JSONDecodeError) as e:
-        print(f"convert.py: {e}", file=sys.stderr)
+    except (ConversionError, KeyError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
-    if args.dtype != "keep":
+    except OSError as e:
+        print(f"error: {e.filename or args.folder}: {os_reason(e)}", file=sys.stderr)
+        return 1
+    if args.dtype != "keep":  # stored so; checkpoint.load_checkpoint runs it in float32
         sd = {k: v.to(getattr(torch, args.dtype)) for k, v in sd.items()}
     sd = {k: v.contiguous() for k, v in sd.items()}
-    torch.save({"format": 1, "kind": "blt", "config": cfg.to_dict(), "model": sd, "step": 0,
-                "source": {"format": source, "path": os.path.abspath(args.folder)}}, args.out)
+    try:
+        atomic_save({"format": 1, "kind": "blt", "config": cfg.to_dict(), "model": sd, "step": 0,
+                     "source": {"format": source, "path": os.path.abspath(args.folder)}}, Path(args.out))
+    except StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     n = sum(v.numel() for v in sd.values())
     print(f"wrote {args.out}: {n / 1e9:.2f} B parameters from a {source} checkpoint; patching={cfg.patching} "
           f"threshold={cfg.entropy_threshold} local {cfg.local_dim}x{cfg.encoder_layers}+{cfg.decoder_layers}, "

@@ -15,9 +15,13 @@ that its training FLOPs per byte match the BLT's (matched compute). The models:
   no-hash     BLT, entropy patching without hash n-gram embeddings
 The key comparison (entropy vs strided) runs with two seeds.
 
-Outputs: figures/ (patching schemes, entropy, patch-size histograms, BPB against training FLOPs) and the
-results table, written into README.md between the experiments markers. Runs that finished are reused
-(train.py --resume), so an interrupted experiment continues where it stopped.
+Outputs: OUT/results.md (the results table) and the figures (patching schemes, entropy, patch-size
+histograms, BPB against training FLOPs). README.md and figures/ publish the numbers of one run, the cpu preset
+on the default corpus with the default flags: only that run rewrites them (the table between README.md's
+experiments markers, the figures in figures/), or any run given --publish; every other run draws its figures in
+OUT/figures and leaves the repository's files alone. It says which files it rewrote. Runs that finished are
+reused (train.py --resume), so an interrupted experiment continues where it stopped. One experiment per OUT
+at a time (runtime.FolderLock).
 """
 import argparse
 import shutil
@@ -35,6 +39,7 @@ from checkpoint import read_checkpoint  # noqa: E402
 from entropy_model import ByteLMConfig  # noqa: E402
 from blt import BLT, BLTConfig, byte_transformer_flops_per_byte, count_parameters, flops_per_byte
 from plots import plot_bpb_vs_flops  # noqa: E402
+from runtime import FolderLock, UsageError  # noqa: E402
 
 README_START, README_END = "<!-- experiments:start -->", "<!-- experiments:end -->"
 
@@ -96,12 +101,40 @@ def main(argv=None):
     p.add_argument("--data", default="shakespeare", help="corpus (train.py --data)")
     p.add_argument("--patch-size", type=float, default=4.0, help="target average patch size of the entropy schemes")
     p.add_argument("--out", default="out/experiments", help="folder for the runs")
-    p.add_argument("--figures", default="figures", help="folder for the figures")
+    p.add_argument("--figures", default=None,
+                   help="folder for the figures (default: figures/ when publishing, else OUT/figures)")
+    p.add_argument("--publish", action=argparse.BooleanOptionalAction, default=None,
+                   help="rewrite README.md's table and figures/ (default: only for the published run, the cpu "
+                        "preset on the default corpus with the default --patch-size)")
     p.add_argument("--no-readme", action="store_true", help="do not write the table into README.md")
     args = p.parse_args(argv)
     s = PRESETS[args.preset]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    publish = args.publish if args.publish is not None else published_run(p, args, ("preset", "data", "patch_size"))
+    args.figures = args.figures or str(ROOT / "figures" if publish else out / "figures")
+    try:
+        with FolderLock(out):  # one experiment per folder: two would train into the same runs
+            run_all(args, s, out, publish and not args.no_readme)
+    except UsageError as e:
+        sys.exit(f"error: {e}")
+
+
+def published_run(parser, args, keys) -> bool:
+    """Whether these are the settings whose numbers the repository publishes: every key at its default."""
+    return all(getattr(args, k) == parser.get_default(k) for k in keys)
+
+
+def tell_written(paths: list[Path]):
+    """One line: the files this run wrote, and whether the repository's published ones (README.md, docs/,
+    figures/) were among them."""
+    published = [q for q in paths if q.resolve() == ROOT / "README.md"
+                 or q.resolve().parent in (ROOT / "docs", ROOT / "figures")]
+    print(f"wrote {', '.join(map(str, paths))}" + ("" if published else
+          "; README.md, docs/ and figures/ left as they are (--publish rewrites them)"))
+
+
+def run_all(args, s: dict, out: Path, readme: bool):
     common = ["--data", args.data, "--steps", str(s["steps"]), "--entropy-steps", str(s["entropy_steps"]),
               "--final-eval-bytes", str(s["final_eval_bytes"]), "--seq-len", str(s["seq_len"])]
     t0 = time.time()
@@ -166,19 +199,24 @@ def main(argv=None):
         README_END,
     ])
     (out / "results.md").write_text(table + "\n")
-    Path(args.figures).mkdir(exist_ok=True)
-    plot_bpb_vs_flops(curves, Path(args.figures) / "bpb_vs_flops.png")
+    figures = Path(args.figures)
+    figures.mkdir(parents=True, exist_ok=True)
+    names = ("bpb_vs_flops.png", "patching_schemes.png", "entropy.png", "patch_sizes.png")
+    before = {n: (figures / n).stat().st_mtime_ns if (figures / n).exists() else None for n in names}
+    plot_bpb_vs_flops(curves, figures / "bpb_vs_flops.png")
     subprocess.run([sys.executable, str(ROOT / "tools" / "figures.py"), "--checkpoint", str(seed0 / "blt_entropy.pt"),
-                    "--data", args.data, "--out", args.figures], check=True, cwd=ROOT)
-    if not args.no_readme:
-        readme = ROOT / "README.md"
-        text = readme.read_text()
+                    "--data", args.data, "--out", str(figures)], check=True, cwd=ROOT)
+    written = [figures / n for n in names if (figures / n).exists() and (figures / n).stat().st_mtime_ns != before[n]]
+    if readme:
+        path = ROOT / "README.md"
+        text = path.read_text()
         if README_START in text and README_END in text:
-            before, rest = text.split(README_START, 1)
-            text = before + table + rest.split(README_END, 1)[1]
-            readme.write_text(text)
+            before_table, rest = text.split(README_START, 1)
+            path.write_text(before_table + table + rest.split(README_END, 1)[1])
+            written.append(path)
     print(table)
-    print(f"done in {minutes:.0f} minutes; figures in {args.figures}/, table in {out / 'results.md'}")
+    print(f"done in {minutes:.0f} minutes; figures in {figures}/, table in {out / 'results.md'}")
+    tell_written([*written, out / "results.md"])
 
 
 if __name__ == "__main__":

@@ -22,11 +22,14 @@ paper's accounting (section 4.5; blt.flops_per_byte, tokens.token_flops_per_byte
    copies of the same validation bytes (tools/noise.py: case flips, drops, repeats, neighbour swaps, ALL CAPS; fixed
    seed, --noise-rate). The tokenizer stays the one trained on clean text.
 
-Outputs: OUT/results.md and OUT/results.json (tables, design, every number), the tables also between the
-markers of docs/patches_vs_tokens.md (all of them) and of README.md (matched compute and noise),
-and figures/patches_vs_tokens.png. Finished runs are reused, so an
-interrupted study continues where it stopped (train.py --resume). Runs go through train.main in this
-process (a fresh Python per run would cost seconds each); each run's output goes to OUT/experiments.log.
+Outputs: OUT/results.md and OUT/results.json (tables, design, every number) and the figure. The repository
+publishes one run's numbers, the cpu preset with the default flags: that run (or any run given --publish)
+also writes the tables between the markers of docs/patches_vs_tokens.md (all of them) and of README.md
+(matched compute and noise), and figures/patches_vs_tokens.png; any other run draws OUT/figures/ and leaves
+those files alone (--docs, --readme and --figures name other places to write). It says which files it
+rewrote. Finished runs are reused, so an interrupted study continues where it stopped (train.py --resume).
+Runs go through train.main in this process (a fresh Python per run would cost seconds each); each run's
+output goes to OUT/experiments.log. One study per OUT at a time (runtime.FolderLock).
 """
 import argparse
 import contextlib
@@ -51,6 +54,7 @@ from checkpoint import load_checkpoint, read_checkpoint  # noqa: E402
 from data import DataError, get_batch, load_corpus  # noqa: E402
 from entropy_model import ByteLMConfig  # noqa: E402
 from evaluation import evaluate  # noqa: E402
+from tools.experiments import published_run, tell_written  # noqa: E402
 from tools.noise import NOISES, RATE, add_noise  # noqa: E402
 from patching import average_patch_size, patch_lengths  # noqa: E402
 from plots import plot_patches_vs_tokens  # noqa: E402
@@ -368,15 +372,17 @@ def report(plan: dict, runs: dict, noise: dict, s: dict, seeds: list[int], patch
     return "\n".join(lines), "\n".join(short), data
 
 
-def fill_markers(doc: Path, text: str):
-    """Rewrite the part of `doc` between DOC_START and DOC_END with `text` (a new page if doc is missing)."""
+def fill_markers(doc: Path, text: str) -> bool:
+    """Rewrite the part of `doc` between DOC_START and DOC_END with `text` (a new page if doc is missing).
+    Returns whether it did."""
     try:
         body = doc.read_text() if doc.exists() else f"# Patches versus tokens\n\n{DOC_START}\n{DOC_END}\n"
         if DOC_START not in body or DOC_END not in body:
             print(f"warning: {doc} has no {DOC_START} ... {DOC_END} markers; left as it is", file=sys.stderr)
-            return
+            return False
         before, rest = body.split(DOC_START, 1)
         doc.write_text(before + DOC_START + "\n" + text + "\n" + DOC_END + rest.split(DOC_END, 1)[1])
+        return True
     except (OSError, UnicodeDecodeError) as e:  # the tables are in OUT/results.md already
         sys.exit(f"error: cannot rewrite {doc}: {getattr(e, 'strerror', None) or e}")
 
@@ -390,13 +396,32 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the largest budget's runs")
     p.add_argument("--noise-rate", type=float, default=RATE, help="tools/noise.py rate")
     p.add_argument("--out", default="out/patches_vs_tokens", help="folder for the runs and tables")
-    p.add_argument("--figures", default="figures", help="folder for patches_vs_tokens.png")
-    p.add_argument("--docs", default=str(ROOT / "docs" / "patches_vs_tokens.md"),
-                   help="markdown file whose results section is rewritten ('' to leave it)")
-    p.add_argument("--readme", default=str(ROOT / "README.md"),
-                   help="markdown file whose short results (matched compute, noise, figure) are rewritten ('' to leave it)")
+    p.add_argument("--figures", default=None,
+                   help="folder for patches_vs_tokens.png (default: figures/ when publishing, else OUT/figures)")
+    p.add_argument("--docs", default=None, help="markdown file whose results section is rewritten (default: "
+                   "docs/patches_vs_tokens.md when publishing, else none; '' for none)")
+    p.add_argument("--readme", default=None, help="markdown file whose short results (matched compute, noise, "
+                   "figure) are rewritten (default: README.md when publishing, else none; '' for none)")
+    p.add_argument("--publish", action=argparse.BooleanOptionalAction, default=None,
+                   help="rewrite README.md, docs/patches_vs_tokens.md and figures/ (default: only for the published "
+                        "run, the cpu preset with the default --data, --vocab-size, --patch-sizes, --seeds and --noise-rate)")
     p.add_argument("--plan", action="store_true", help="print the models and their FLOPs per byte, train nothing")
     args = p.parse_args(argv)
+    out = Path(args.out)
+    publish = args.publish if args.publish is not None else published_run(
+        p, args, ("preset", "data", "vocab_size", "patch_sizes", "seeds", "noise_rate"))
+    args.figures = args.figures or str(ROOT / "figures" if publish else out / "figures")
+    args.docs = str(ROOT / "docs" / "patches_vs_tokens.md") if args.docs is None and publish else args.docs
+    args.readme = str(ROOT / "README.md") if args.readme is None and publish else args.readme
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with runtime.FolderLock(out):  # one study per folder: two would train into the same runs
+            return study(args)
+    except runtime.UsageError as e:
+        sys.exit(f"error: {e}")
+
+
+def study(args):
     s = PRESETS[args.preset]
     args.vocab_size = args.vocab_size or s.get("vocab_size", 4096)
     data = args.data or s["data"]
@@ -429,12 +454,14 @@ def main(argv=None):
     plot_patches_vs_tokens(numbers["fixed_inference"], {label(m): v for m, v in numbers["noise_increase"].items()},
                            Path(args.figures) / "patches_vs_tokens.png")
     figure = f"![patches versus tokens]({{}}{Path(args.figures).name}/patches_vs_tokens.png)"
-    if args.docs:
-        fill_markers(Path(args.docs), text + "\n\n" + figure.format("../"))
-    if args.readme:
-        fill_markers(Path(args.readme), short + "\n\n" + figure.format(""))
+    written = [Path(args.figures) / "patches_vs_tokens.png"]
+    if args.docs and fill_markers(Path(args.docs), text + "\n\n" + figure.format("../")):
+        written.append(Path(args.docs))
+    if args.readme and fill_markers(Path(args.readme), short + "\n\n" + figure.format("")):
+        written.append(Path(args.readme))
     print(text)
     print(f"done in {minutes:.0f} minutes; tables in {out / 'results.md'}, figure in {args.figures}/patches_vs_tokens.png")
+    tell_written([out / "results.md", out / "results.json", *written])
 
 
 if __name__ == "__main__":
