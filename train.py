@@ -92,6 +92,7 @@ PRESETS = {
 # gets the small preset (docs/training.md, "Five minutes on tiny Shakespeare"). --preset cpu keeps cpu.
 SMALL_CORPUS_BYTES = 16 << 20
 NEVER = 10 ** 9  # an evaluation interval no run reaches
+MIN_SPACE_PATCH = 3.5  # the small preset's space patching, on text it cuts finer than this, becomes strided (size 4)
 
 
 @dataclass
@@ -390,6 +391,14 @@ def settings(args, preset_name: str, device: torch.device):
     return preset, blt_cfg, baseline_cfg, tc, entropy_tc, opts, stages
 
 
+def space_patch_size(train, sample_bytes: int = 1 << 16) -> float:
+    """Average space patch on the first bytes of the training split. Space patching starts a patch after every
+    space-like byte, and UTF-8 lead bytes are space-like: Cyrillic or Chinese text gets a patch per character
+    (2-3 bytes), where English gets one per word (about 4-5), and the global model runs twice as often."""
+    x = torch.from_numpy(train[:sample_bytes].astype("int64"))[None] + 4  # (1, T) ids, bytes + 4
+    return average_patch_size(patch_lengths(x, "space"))
+
+
 def small_by_default(args, preset_name: str, train_bytes: int) -> bool:
     """The rule of the defaults block: a run on CPU under --time-budget, no --preset, a small training split (the
     same rule for BLT and both baselines: each model's plain command is what tools/race.py compares)."""
@@ -418,6 +427,13 @@ def run(args):
         preset_name, why = "small", (f" (the default under --time-budget for a training split under "
                                      f"{SMALL_CORPUS_BYTES >> 20} MB; --preset cpu for the cpu defaults)")
         preset, blt_cfg, baseline_cfg, tc, entropy_tc, opts, stages = settings(args, preset_name, device)
+        if "blt" in stages and blt_cfg.patching == "space" and args.patching is None:
+            size = space_patch_size(corpus.train)
+            if size < MIN_SPACE_PATCH:  # a script without spaces between words: one character per patch
+                args.patching = "strided"
+                preset, blt_cfg, baseline_cfg, tc, entropy_tc, opts, stages = settings(args, preset_name, device)
+                why += (f"; strided patching: space patching cuts this text into {size:.1f}-byte patches "
+                        f"(--patching space to use it anyway)")
     name = Path(args.data).stem if os.sep in args.data or Path(args.data).exists() else args.data
     out = output_folder(Path(args.out or Path("out") / f"{name}-{preset_name}"))
     with FolderLock(out):  # one run per output folder; a second one is refused, naming this process

@@ -3,6 +3,7 @@ evaluation along the way), tools/race.py end to end on a tiny corpus, and bench_
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -111,3 +112,26 @@ def test_bench_trains_the_bpe_model_on_real_text():
     assert trainer.step(0) > 0 and set(trainer.split) == {"forward", "backward", "clip + AdamW"}
     assert trainer.bytes_per_step == pytest.approx(trainer.tc.batch_size * trainer.tokens.bytes_per_window)
     assert trainer.flops_per_byte() > 0
+
+
+def test_small_preset_patches_by_spaces_only_where_spaces_cut_words(tmp_path, capsys):
+    """Space patching cuts Cyrillic (or Chinese) text into a patch per character: there the small preset
+    patches with a stride instead, and says so; on English it keeps space patching."""
+    english = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog, {i * 7 % 13} times.\n" for i in range(400))
+    latin, cyrillic = "abcdefghijklmnopqrstuvwxyz", "абцдефгхийклмнопярстуввхыз"
+    russian_like = english.translate(str.maketrans(latin + latin.upper(), cyrillic + cyrillic.upper()))
+    assert train.space_patch_size(np.frombuffer(english.encode(), dtype=np.uint8)) > train.MIN_SPACE_PATCH
+    assert train.space_patch_size(np.frombuffer(russian_like.encode(), dtype=np.uint8)) < 2.5
+    for text, scheme in ((english, "space"), (russian_like, "strided")):
+        path = tmp_path / f"{scheme}.txt"
+        path.write_text(text)
+        out = tmp_path / f"out-{scheme}"
+        assert train.main(["--data", str(path), "--time-budget", "600", "--stop-at", "1", "--out", str(out)]) == 0
+        first = capsys.readouterr().out.splitlines()[0]
+        assert ("strided patching: space patching cuts this text into" in first) == (scheme == "strided"), first
+        ckpt = torch.load(out / f"blt_{scheme}.pt", weights_only=True)
+        assert ckpt["config"]["patching"] == scheme and ckpt["step"] == 1
+    # Asked for by name, space patching is kept.
+    assert train.main(["--data", str(tmp_path / "strided.txt"), "--time-budget", "600", "--stop-at", "1",
+                       "--patching", "space", "--out", str(tmp_path / "asked")]) == 0
+    assert (tmp_path / "asked" / "blt_space.pt").exists()

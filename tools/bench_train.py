@@ -3,6 +3,7 @@ peak memory.
 
     python tools/bench_train.py                  # the cpu preset (and the gpu preset when CUDA is available)
     python tools/bench_train.py --preset cpu --steps 8
+    python tools/bench_train.py --race --steps 8  # the models of tools/race.py taking turns, then BLT by part
 
 For every preset it times a few training steps (after warm-up) of the three models train.py trains: the
 entropy model, BLT with entropy patching (patched on the fly by the entropy model, as in training) and the
@@ -23,7 +24,13 @@ on GPU), and a last line gives compiled against eager step time, the first step 
 how many graphs were compiled for the patch counts seen: one, since the patch dimension is dynamic
 (train.Task.patch). `--no-compile` skips it.
 
-The bytes are random (throughput does not depend on the text), so nothing is downloaded.
+`--race` times the models tools/race.py trains, as their plain commands configure them on a small corpus
+(the small preset for BLT and the BPE and byte transformers; BLT with the cpu preset), in one process taking turns step by
+step in the machine's default dtype, with each step split into forward, backward, and clipping + AdamW, and the
+achieved FLOP/s of BLT over the BPE transformer's and the byte transformer's.
+
+The byte models read random bytes, except where the patching depends on the text (space patching): they and
+the BPE model read this repository's own text (bench_text), so nothing is downloaded.
 """
 import argparse
 import json
@@ -94,6 +101,8 @@ class Trainer:
         torch.manual_seed(0)
         blt_cfg = BLTConfig.from_dict(preset["blt"].to_dict())
         self.corpus = np.random.default_rng(0).integers(0, 256, size=1 << 22, dtype=np.uint8)
+        if model_kind == "blt" and blt_cfg.patching == "space":  # random bytes hold almost no spaces
+            self.corpus = bench_text()
         self.tokens = None
         if model_kind == "entropy":
             config = ByteLMConfig.of_blt(blt_cfg)
@@ -221,12 +230,12 @@ def alternate(preset_name: str, specs: list[str], steps: int, compiled: bool | N
             for spec, t in trainers.items()}
 
 
-RACE = [("small", "blt"), ("cpu", "blt"), ("cpu", "bpe"), ("cpu", "byte")]  # what tools/race.py's commands train
+RACE = [("small", "blt"), ("cpu", "blt"), ("small", "bpe"), ("small", "byte")]  # tools/race.py's plain commands
 
 
 def race_turns(steps: int, dtype: str, compiled: bool | None = None) -> dict:
-    """The models of tools/race.py, as its plain commands configure them on CPU (BLT: the small preset and
-    the cpu preset; BPE and byte: the cpu preset), in one process taking turns step by step in `dtype`.
+    """The models of tools/race.py, as its plain commands configure them on CPU and a small corpus (the small
+    preset; BLT also with the cpu preset), in one process taking turns step by step in `dtype`.
     Returns per model the median step time, bytes/s, training FLOPs per byte (BLT: with its entropy model's
     patching forward), achieved FLOP/s, and where its steps went (forward, backward, clipping + AdamW)."""
     trainers = {f"{preset}:{model}": Trainer(preset, model, dtype, compiled) for preset, model in RACE}
@@ -255,12 +264,12 @@ def print_race(r: dict, dtype: str, steps: int):
     for name, x in r.items():
         split = x["split"]
         print(f"{name:10s} {x['batch']:>10,.0f} {x['step_s']:>7.3f} {x['bytes_per_s']:>9,.0f} {x['mflop_per_byte']:>10.2f} "
-              f"{x['flops_per_s'] / 1e9:>8.1f} " + " ".join(f"{split.get(k, 0) / x['step_s']:>{w}.0%}" for k, w in
+              f"{x['flops_per_s'] / 1e9:>8.1f} " + " ".join(f"{split.get(k, 0) / sum(split.values()):>{w}.0%}" for k, w in
                                                            (("forward", 8), ("backward", 8), ("clip + AdamW", 10))))
     for blt in ("small:blt", "cpu:blt"):
         print(f"achieved FLOP/s, {blt.split(':')[0]}-preset BLT / BPE transformer: "
-              f"{r[blt]['flops_per_s'] / r['cpu:bpe']['flops_per_s']:.2f}; / byte transformer: "
-              f"{r[blt]['flops_per_s'] / r['cpu:byte']['flops_per_s']:.2f}")
+              f"{r[blt]['flops_per_s'] / r['small:bpe']['flops_per_s']:.2f}; / byte transformer: "
+              f"{r[blt]['flops_per_s'] / r['small:byte']['flops_per_s']:.2f}")
 
 
 def breakdown(preset_name: str, dtype: str, steps: int) -> dict:

@@ -120,9 +120,9 @@ def row(name: str, final: dict, records: list[dict], entropy_final: dict | None)
             "entropy_seconds": entropy_final["stage_seconds"] if entropy_final else None}
 
 
-def table(rows: list[dict], data: str, budget: float, where: str) -> str:
+def table(rows: list[dict], command: str, budget: float, where: str) -> str:
     best = min(r["val_bpb"] for r in rows)
-    lines = [f"`python tools/race.py --data {data} --time-budget {budget:g}` ({where}; "
+    lines = [f"`{command}` ({where}; "
              f"{rows[0]['val_bytes']:,} validation bytes scored by every model):", "",
              f"| command (`--time-budget {budget:g}`) | steps | bytes seen | train MFLOP/byte | achieved GFLOP/s | "
              "val bits per byte |", "|---|---|---|---|---|---|"]
@@ -204,7 +204,9 @@ def main(argv=None) -> int:
         print(f"{name}: {r['steps']} steps, {r['bytes_seen'] / 1e6:.2f} MB seen, {r['gflop_per_s']:.1f} GFLOP/s, "
               f"val {r['val_bpb']:.4f} bpb", flush=True)
     where = f"{machine()}, {datetime.date.today().isoformat()}"
-    text = table(rows, args.data, args.time_budget, where)
+    command = (f"python tools/race.py --data {args.data} --time-budget {args.time_budget:g}"
+               + (" --controls" if args.controls else "") + (f" --only {args.only}" if args.only else ""))
+    text = table(rows, command, args.time_budget, where)
     print("\n" + text)
     (out / "race.md").write_text(text + "\n")
     (out / "race.json").write_text(json.dumps({"machine": where, "rows": rows}, indent=1) + "\n")
