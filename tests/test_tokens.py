@@ -275,7 +275,8 @@ def test_train_py_bpe_trains_resumes_exactly_and_evaluates_like_the_others(corpu
     setup = model.tokens
     assert setup.seq_len == round(32 / setup.train_bytes_per_token)  # --seq-len 32 bytes -> T_tok tokens
     assert setup.tokenizer.decode(setup.tokenizer.encode(corpus.val)) == corpus.val.tobytes()
-    again = evaluate(model, kind, cfg, corpus.val, 32, 4, "bf16", torch.device("cpu"), 512, tokens=setup)
+    dtype = torch.load(whole / "bpe.pt", weights_only=True)["train"]["dtype"]  # the machine's default dtype
+    again = evaluate(model, kind, cfg, corpus.val, 32, 4, dtype, torch.device("cpu"), 512, tokens=setup)
     assert again["val_bpb"] == final["val_bpb"] and again["bytes_per_token"] == final["bytes_per_token"]
     # logged like the other models: bits per byte (not per token), bytes seen, FLOPs per byte
     step6 = a[-1]
