@@ -141,7 +141,10 @@ def native_bf16(device: torch.device, cpuinfo: str = "/proc/cpuinfo") -> bool:
     only, or AVX-512 without AVX512_BF16) oneDNN emulates them: measured 1.5 GFLOP/s against 45 GFLOP/s in
     fp32 on one such 2-core machine, so bf16 autocast there slows every model down many times."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch before 2.5 has no including_emulation and counts only native support
+            return torch.cuda.is_bf16_supported()
     if device.type != "cpu":
         return False
     try:

@@ -25,9 +25,9 @@ how many graphs were compiled for the patch counts seen: one, since the patch di
 (train.Task.patch). `--no-compile` skips it.
 
 `--race` times the models tools/race.py trains, as their plain commands configure them on a small corpus
-(the small preset for BLT and the BPE and byte transformers; BLT with the cpu preset), in one process taking turns step by
-step in the machine's default dtype, with each step split into forward, backward, and clipping + AdamW, and the
-achieved FLOP/s of BLT over the BPE transformer's and the byte transformer's.
+(the small preset for BLT and the BPE and byte transformers; BLT with the cpu preset), in one process taking
+turns step by step in the machine's default dtype, with each step split into forward, backward, and clipping +
+AdamW, and the achieved FLOP/s of BLT over the BPE transformer's and the byte transformer's.
 
 The byte models read random bytes, except where the patching depends on the text (space patching): they and
 the BPE model read this repository's own text (bench_text), so nothing is downloaded.
@@ -74,8 +74,8 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) 
 
 
 def bench_text() -> np.ndarray:
-    """Real text for the BPE model, whose bytes per token (so bytes/s) depend on the text: this repository's
-    own Markdown and Python files, repeated to 1 MB. Nothing is downloaded; the byte models read random bytes."""
+    """Real text where the speed depends on the text (a BPE model's bytes per token, space patching's patch
+    sizes): this repository's own Markdown and Python files, repeated to 1 MB. Nothing is downloaded."""
     text = b"\n".join(p.read_bytes() for p in sorted(ROOT.glob("*.md")) + sorted(ROOT.glob("*.py")))
     return np.frombuffer((text * (1 + (1 << 20) // len(text)))[:1 << 20], dtype=np.uint8)
 
