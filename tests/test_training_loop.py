@@ -140,7 +140,8 @@ def test_micro_batches_come_from_the_task_batch_and_only_the_last_forward_averag
         return x, y
     monkeypatch.setattr(train.Task, "batch", batch)
     code = train.main(["--data", str(corpus_file), "--out", str(tmp_path / "out"), "--model", "bpe",
-                       "--vocab-size", "300", "--steps", "2", "--micro-batch-size", "2", "--preset", "cpu", "--device", "cpu",
+                       "--vocab-size", "300", "--steps", "2", "--micro-batch-size", "2", "--preset", "cpu",
+                       "--device", "cpu",
                        "--dtype", "fp32", "--seq-len", "32", "--batch-size", "4", "--log-interval", "1",
                        "--eval-interval", "1000", "--final-eval-bytes", "256",
                        "--config", "dim=32", "--config", "heads=2", "--config", "multiple_of=16"])

@@ -181,8 +181,8 @@ def strip_source(source: str, regions: list[Region], lessons=None) -> str:
     return "".join(lines)
 
 
-BLOCK = re.compile(r"^<!-- (?:(?P<teacher>teacher)|hints: (?P<level>\w+)) -->\n(?P<body>.*?)^<!-- end (?P<end>teacher|hints) -->\n",
-                   re.M | re.S)
+BLOCK = re.compile(r"^<!-- (?:(?P<teacher>teacher)|hints: (?P<level>\w+)) -->\n(?P<body>.*?)"
+                   r"^<!-- end (?P<end>teacher|hints) -->\n", re.M | re.S)
 LINK = re.compile(r"\]\((?!https?:|#|mailto:)(?P<target>[^)#\s]+)")
 
 
