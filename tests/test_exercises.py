@@ -377,13 +377,19 @@ def test_lesson_tests_in_student_versions(tmp_path):
 
 LOOP_LESSON = 8  # the training loop
 RECIPE_TEST = "tests/test_training_loop.py::test_train_loop_follows_the_recipe"
+STEP_TEST = ("tests/test_training_loop.py::"
+             "test_micro_batches_come_from_the_task_batch_and_only_the_last_forward_averages")
 # what a student may get wrong in train.py's train_loop -> (a text found on exactly one line of the lesson 8
-# region, what replaces it); None replaces the whole line by `pass`
+# region, what replaces it, the test that must catch it); None replaces the whole line by `pass`
 MUTATIONS = {
-    "no zero_grad": (".zero_grad(", None),
-    "no clipping": ("clip_grad_norm_(", None),
-    "no learning-rate update": ('["lr"] = ', None),
-    "loss not divided among micro-batches": (" / len(micro_batches)", ""),
+    "no zero_grad": (".zero_grad(", None, RECIPE_TEST),
+    "no clipping": ("clip_grad_norm_(", None, RECIPE_TEST),
+    "no learning-rate update": ('["lr"] = ', None, RECIPE_TEST),
+    "loss not divided among micro-batches": (" / len(micro_batches)", "", RECIPE_TEST),
+    "byte windows for the BPE baseline": ("task.batch(corpus.train, step)",
+                                          "get_batch(corpus.train, tc.batch_size, tc.seq_len, tc.seed, step, "
+                                          "DIST.rows(tc.batch_size))", STEP_TEST),
+    "gradients averaged on every micro-batch": ("now=i == len(micro_batches) - 1", "now=True", STEP_TEST),
 }
 
 
@@ -404,31 +410,38 @@ def mutate(source: str, needle: str, replacement: str | None) -> str:
 
 
 def test_recipe_test_fails_for_a_broken_training_loop(tmp_path):
-    """Lesson 8's recipe test passes with train.py as it is, and fails (an assertion, not a crash) when the
-    training step forgets to zero the gradients, to clip them, to set the learning rate, or to divide the loss
-    among the micro-batches. Each in a teacher copy, in a pytest subprocess."""
+    """Lesson 8's recipe test and its test of the step's batch and DDP's no_sync pass with train.py as it is,
+    and fail (an assertion, not a crash) when the training step forgets to zero the gradients, to clip them, to
+    set the learning rate, or to divide the loss among the micro-batches (the recipe test), or reads byte
+    windows where the BPE baseline needs token windows, or averages gradients on every micro-batch (the step
+    test). Each in a teacher copy, in a pytest subprocess."""
     source = (REPO / "train.py").read_text(encoding="utf-8")
-    jobs = [("unchanged", source)] + [(name, mutate(source, *change)) for name, change in MUTATIONS.items()]
+    jobs = [("unchanged", source, [RECIPE_TEST, STEP_TEST])]
+    jobs += [(name, mutate(source, needle, new), [test]) for name, (needle, new, test) in MUTATIONS.items()]
 
     def run(job):
-        name, text = job
+        name, text, tests = job
         work = tmp_path / re.sub(r"\W+", "_", name)
         kit.make_copy(work / "repo", student=False)
         (work / "repo" / "train.py").write_text(text, encoding="utf-8")
-        proc, results = run_lesson_tests(work / "repo", [LOOP_LESSON], work, files=[RECIPE_TEST])
-        found = {t: r for t, r in results.items() if t == RECIPE_TEST}
-        if len(found) != 1:
-            output = (proc.stdout + proc.stderr)[-3000:]
-            return [f"{name}: {RECIPE_TEST} did not run once (exit {proc.returncode}):\n{output}"]
-        [(lesson, outcome, message)] = found.values()
-        if lesson != LOOP_LESSON:
-            return [f"{name}: {RECIPE_TEST} is marked lesson {lesson}, not {LOOP_LESSON}"]
-        if name == "unchanged" and outcome != "passed":
-            return [f"{name}: {RECIPE_TEST} should pass, {outcome}:\n{message[-1500:]}"]
-        failed_an_assertion = outcome == "failure" and re.search(r"^E +(AssertionError\b|assert )", message, re.M)
-        if name != "unchanged" and not failed_an_assertion:
-            return [f"{name}: {RECIPE_TEST} should fail an assertion, {outcome}:\n{message[-1500:]}"]
-        return []
+        proc, results = run_lesson_tests(work / "repo", [LOOP_LESSON], work, files=tests)
+        problems = []
+        for test in tests:
+            found = {t: r for t, r in results.items() if t == test}
+            if len(found) != 1:
+                output = (proc.stdout + proc.stderr)[-3000:]
+                problems.append(f"{name}: {test} did not run once (exit {proc.returncode}):\n{output}")
+                continue
+            [(lesson, outcome, message)] = found.values()
+            failed_an_assertion = outcome == "failure" and re.search(r"^E +(AssertionError\b|assert )", message,
+                                                                     re.M)
+            if lesson != LOOP_LESSON:
+                problems.append(f"{name}: {test} is marked lesson {lesson}, not {LOOP_LESSON}")
+            elif name == "unchanged" and outcome != "passed":
+                problems.append(f"{name}: {test} should pass, {outcome}:\n{message[-1500:]}")
+            elif name != "unchanged" and not failed_an_assertion:
+                problems.append(f"{name}: {test} should fail an assertion, {outcome}:\n{message[-1500:]}")
+        return problems
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         problems = [p for found in pool.map(run, jobs) for p in found]

@@ -145,6 +145,7 @@ def score(tests: dict, errors: list, lessons: list[kit.Lesson], scratch: Path) -
         broken = [(f, m) for f, m in errors if lesson.number in marked.get(f, set()) or not f.startswith("tests/")]
         passed = sum(r[1] == "passed" for r in mine.values())
         failed = [{"test": t, "outcome": r[1], "message": r[2]} for t, r in mine.items() if r[1] != "passed"]
+        failed.sort(key=lambda f: any(f["test"].startswith(f"tests/{p.name}") for p in HIDDEN.glob("test_*.py")))
         failed += [{"test": f, "outcome": "collection error", "message": m} for f, m in broken]
         full = bool(mine) and not failed
         rows.append({"lesson": lesson.number, "concept": lesson.concept, "tests": len(mine), "passed": passed,
