@@ -203,6 +203,8 @@ def student_markdown(text: str, hints: str = "full", left_out=is_kit_file, path:
             raise MarkerError(f"{path}: unknown hint level {m['level']!r}")
         return m["body"] if HINT_LEVELS.index(hints) >= HINT_LEVELS.index(m["level"]) else ""
     out = BLOCK.sub(block, text)
+    if out != text:
+        out = re.sub(r"\n{3,}", "\n\n", out)  # a dropped block leaves the blank lines on either side
     if re.search(r"<!-- (teacher|end teacher|hints:|end hints)", out):
         raise MarkerError(f"{path}: a teacher or hints marker without its pair (or nested)")
     folder = Path(path).parent
