@@ -258,6 +258,6 @@ def byte_transformer_flops_per_byte(dim: int, layers: int, context: int, multipl
 
 def bits_per_byte(nats_sum: float, n_bytes: int) -> float:
     """Sum of cross-entropies in nats over n predicted bytes -> bits per byte."""
-    # --- solution: stage 7: summed nats to bits per byte (paper §4) ---
+    # --- solution: lesson 7: summed nats to bits per byte (paper §4) ---
     return nats_sum / (math.log(2) * n_bytes)
     # --- end solution ---

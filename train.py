@@ -202,7 +202,7 @@ def train_loop(task: Task, corpus, run: Run, opts) -> dict:
     model.train()
     progress = run.progress(step)
     while progress < 1.0:
-        # --- solution: stage 8: one step: lr, batch, zero_grad, forward/backward, clip, AdamW step (paper §4) ---
+        # --- solution: lesson 8: one step: lr, batch, zero_grad, forward/backward, clip, AdamW step (paper §4) ---
         lr = lr_at(step, tc, progress, run.warmup_share(tc.warmup_steps))
         for group in optimizer.param_groups:
             group["lr"] = lr
