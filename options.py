@@ -90,10 +90,12 @@ def parse_args(argv, presets) -> argparse.Namespace:
     p.add_argument("--vocab-size", type=int_at_least(257), default=None,
                    help="--model bpe: BPE vocabulary, trained on the training split (default 4096: ~3 bytes per "
                         "token on shakespeare)")
-    p.add_argument("--patching", choices=("entropy", "monotonic", "strided", "space"), default=None,
-                   help="the patching scheme (default entropy; the same as --config patching=...)")
+    p.add_argument("--patching", choices=("entropy", "monotonic", "strided", "space", "learned"), default=None,
+                   help="the patching scheme (default entropy; the same as --config patching=...); learned: "
+                        "boundaries learned end to end (H-Net's dynamic chunking, learned.py)")
     p.add_argument("--patch-size", type=number(at_least=1), default=None,
-                   help="target average patch size (entropy schemes) or stride (strided, a whole number)")
+                   help="target average patch size (entropy schemes), stride (strided, a whole number) or target "
+                        "bytes per chunk (learned, above 1)")
     p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model config field (BLTConfig; ByteLMConfig with --model byte; "
                         "tokens.TokenLMConfig with --model bpe)")

@@ -5,6 +5,7 @@
     python train.py --stage calibrate        # 2. the threshold for the target patch size  -> OUT/calibration.json
     python train.py --stage blt              # 3. BLT with the frozen entropy model         -> OUT/blt_entropy.pt
     python train.py --patching space         # BLT baselines: strided | space | entropy | monotonic
+    python train.py --patching learned       # boundaries learned end to end (H-Net), --patch-size bytes per chunk
     python train.py --model byte             # a plain byte-level transformer               -> OUT/byte.pt
     python train.py --model bpe              # a BPE-token transformer (tokens.py)           -> OUT/bpe.pt
     python train.py --data tinyshakespeare --time-budget 300   # a small corpus under a budget: the small preset
@@ -42,7 +43,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from blt import BLT, BLTConfig, count_parameters, cpu_tiny, one_gpu  # noqa: E402
+from blt import LEARNED, BLTConfig, build_model, count_parameters, cpu_tiny, one_gpu  # noqa: E402
 from checkpoint import atomic_write_text, load_weights, output_folder, read_calibration  # noqa: E402
 from data import get_batch, load_corpus  # noqa: E402
 from evaluation import evaluate  # noqa: E402
@@ -149,6 +150,11 @@ class Task:
     def __init__(self, kind: str, model: torch.nn.Module, config, tc: TrainConfig, device, compile_model: bool, tokens=None):
         self.kind, self.model, self.config, self.tc, self.device = kind, model.to(device), config, tc, device
         self.compile_model, self.forward, self.tokens = compile_model, self.model, tokens
+        # learned boundaries (learned.py): the model cuts its own bytes; the log gets its chunks and ratio loss
+        self.learned = kind == "blt" and config.patching == LEARNED
+        self.chunk_sums = [0.0, 0.0, 0.0, 0]  # bytes, chunks, ratio loss, forwards since the last log line
+        if self.learned and compile_model:
+            model.pad_chunks_to = 16  # few distinct chunk counts: few recompiles
 
     def prepare(self, backend: str = "inductor"):
         """After the weights are loaded: wrap for DDP (several processes), then compile."""
@@ -174,9 +180,22 @@ class Task:
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean next-byte (next-token) cross-entropy in nats of one (micro-)batch: x, y (B, T)."""
         x, y = to_device(x, self.device), to_device(y, self.device)
-        extra = {"patch_lengths": self.patch(x)} if self.kind == "blt" else {}
+        extra = {"patch_lengths": self.patch(x)} if self.kind == "blt" and not self.learned else {}
         with autocast(self.device, self.tc.dtype):
-            return self.forward(x, y, **extra)[1]
+            loss = self.forward(x, y, **extra)[1]
+        if self.learned:
+            s = self.model.stats
+            self.chunk_sums = [self.chunk_sums[0] + s["bytes"], self.chunk_sums[1] + s["chunks"],
+                               self.chunk_sums[2] + s["ratio_loss"], self.chunk_sums[3] + 1]
+        return loss
+
+    def chunk_log(self) -> dict:
+        """Learned boundaries: realised bytes per chunk and mean ratio loss since the last call (for the log)."""
+        if not self.learned:
+            return {}
+        n_bytes, chunks, ratio, n = DIST.sum([float(v) for v in self.chunk_sums])
+        self.chunk_sums = [0.0, 0.0, 0.0, 0]
+        return {"bytes_per_chunk": n_bytes / max(1.0, chunks), "ratio_loss": ratio / max(1.0, n)}
 
     def sync_gradients(self, now: bool):
         """DDP: all-reduce gradients only on the last micro-batch of a step."""
@@ -220,7 +239,7 @@ def train_loop(task: Task, corpus, run: Run, opts) -> dict:
         step += 1
         progress = run.progress(step)  # the same on every process, which also agree on a pending Ctrl-C
         last = progress >= 1.0
-        run.log_train(step, loss_sum, lr, last)
+        run.log_train(step, loss_sum, lr, last, task.chunk_log)
         if step % opts.eval_interval == 0 and not last:
             run.evaluate(step, lambda n: task.evaluate(corpus.val, n), opts.eval_bytes)
             if step % opts.checkpoint_interval == 0:
@@ -255,10 +274,15 @@ def train_model(kind: str, name: str, config, make_model, tc: TrainConfig, steps
              opts.log_interval, opts.stop_at, resume, tokens.train_bytes_per_token if tokens else 1.0) as run:
         m = train_loop(task, corpus, run, opts)
     DIST.say(f"{name}: val {m['val_bpb']:.4f} bpb over {m['val_bytes']:,} bytes"
-             + (f" | avg patch {m['patch_size']:.2f} bytes" if "patch_size" in m else "")
+             + (f" | avg patch {m['patch_size']:.2f} bytes" if "patch_size" in m and not config_learned(config) else "")
+            + (f" | {m['patch_size']:.2f} bytes per chunk (learned)" if config_learned(config) else "")
              + (f" | {m['bytes_per_token']:.2f} bytes per token" if "bytes_per_token" in m else "")
              + f" | {m['train_flops_per_byte'] / 1e6:.1f} MFLOP/byte train | {m['steps']} steps in {m['stage_seconds']:.0f} s")
     return m
+
+
+def config_learned(config) -> bool:
+    return getattr(config, "patching", None) == LEARNED
 
 
 def calibrate(entropy_cfg: ByteLMConfig, blt_cfg: BLTConfig, tc: TrainConfig, corpus, out: Path, opts) -> float:
@@ -317,12 +341,15 @@ def run_stages(args, opts, corpus, out: Path, blt_cfg: BLTConfig, baseline_cfg, 
             entropy_weights = finished_entropy_model(out, entropy_cfg)["model"]
 
         def make_blt():
-            model = BLT(blt_cfg)
+            model = build_model(blt_cfg)  # BLT, or learned.LearnedBLT
             if entropy_weights is not None:
                 load_weights(model.entropy_model, entropy_weights, out / "entropy.pt")
             return model
+        describe = (f"BLT with {blt_cfg.patching} patching (patch size {blt_cfg.patch_size:g})"
+                    if blt_cfg.patching != LEARNED else f"BLT with learned boundaries (H-Net's dynamic chunking, "
+                    f"target {blt_cfg.patch_size:g} bytes per chunk)")
         train_model("blt", f"blt_{blt_cfg.patching}", blt_cfg, make_blt, tc, opts.steps, corpus, out, budget_left(),
-                    opts, f"BLT with {blt_cfg.patching} patching (patch size {blt_cfg.patch_size:g})")
+                    opts, describe)
     if "byte" in stages:
         train_model("byte", "byte", baseline_cfg, baseline_cfg.build, tc, opts.steps, corpus, out, budget_left(), opts,
                     "plain byte-level transformer (no patches)")
