@@ -95,6 +95,11 @@ class LearnedBLT(nn.Module):
         self.pad_chunks_to = 1  # P rounded up to a multiple of this (train.py sets 16 under torch.compile)
         self.stats = {}  # the last forward's chunk count, bytes and ratio loss (detached), for the logs
 
+    def outer_parameters(self) -> list[nn.Parameter]:
+        """The outer stage's parameters (encoder, router and residual, decoder): train.py's
+        --outer-lr-multiplier scales their learning rate."""
+        return [*self.encoder.parameters(), *self.chunking.parameters(), *self.decoder.parameters()]
+
     @property
     def ratio_loss_weight(self) -> float:
         w = self.cfg.ratio_loss_weight

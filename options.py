@@ -118,6 +118,9 @@ def parse_args(argv, presets) -> argparse.Namespace:
                    help="bytes per window of the main model; --model bpe reads round(seq_len / bytes per token "
                         "of the training split) tokens, so every model's windows span the same bytes")
     p.add_argument("--lr", type=number(above=0), default=None, help="peak learning rate of the main model")
+    p.add_argument("--outer-lr-multiplier", type=number(above=0), default=None,
+                   help="--patching learned: the encoder, router and decoder train at --lr x this, the global "
+                        "transformer at --lr (H-Net's per-stage multiplier; default 1)")
     p.add_argument("--entropy-lr", type=number(above=0), default=None, help="peak learning rate of the entropy model")
     p.add_argument("--entropy-seq-len", type=pos, default=None, help="bytes per window for the entropy model")
     p.add_argument("--warmup-steps", type=count, default=None, help="warmup steps of the main model")

@@ -249,3 +249,20 @@ def test_train_resume_and_sample(tmp_path):
     assert sample.returncode == 0, sample.stderr
     assert sample.stdout.replace("|", "").startswith("Line")  # the prompt, with the chunk starts marked
     assert "global steps per byte" in sample.stderr
+
+
+def test_outer_lr_multiplier_scales_the_outer_stage_step():
+    """AdamW's first step moves every weight by about lr (m / sqrt(v) = +-1): the outer stage's by lr x 3."""
+    from train import TrainConfig, make_optimizer
+    model = make_model().train()
+    tc = TrainConfig(lr=1e-3, weight_decay=0.0, outer_lr_multiplier=3.0)
+    optimizer = make_optimizer(model, tc, torch.device("cpu"))
+    tokens = torch.tensor([tokenize(TEXT)[:64]])
+    model(tokens[:, :-1], tokens[:, 1:])[1].backward()
+    outer, inner = model.decoder.output.weight, model.global_transformer.layers[0].attention.wq.weight
+    before = outer.detach().clone(), inner.detach().clone()
+    for group in optimizer.param_groups:
+        group["lr"] = tc.lr  # as train_loop sets it every step
+    optimizer.step()
+    assert float((outer - before[0]).abs().max()) == pytest.approx(3e-3, rel=1e-3)
+    assert float((inner - before[1]).abs().max()) == pytest.approx(1e-3, rel=1e-3)
