@@ -205,4 +205,5 @@ class DynamicChunking(nn.Module):
         """z: (B, P, D) main-network outputs (already in this width), x: (B, T, D) encoder states -> (B, T, D)."""
         P_j = chunking["p"].gather(1, chunking["starts"]).clamp(SMOOTHING_EPS, 1 - SMOOTHING_EPS)  # (B, P)
         zbar = smooth(z, P_j)
-        return upsample(zbar, chunking["b"], chunking["p"]) + self.residual(x)
+        # in x's dtype (float32): the decoder's residual stream, as the encoder's, stays float32 under autocast
+        return upsample(zbar, chunking["b"], chunking["p"]).to(x.dtype) + self.residual(x).to(x.dtype)
