@@ -264,5 +264,5 @@ def test_outer_lr_multiplier_scales_the_outer_stage_step():
     for group in optimizer.param_groups:
         group["lr"] = tc.lr  # as train_loop sets it every step
     optimizer.step()
-    assert float((outer - before[0]).abs().max()) == pytest.approx(3e-3, rel=1e-3)
-    assert float((inner - before[1]).abs().max()) == pytest.approx(1e-3, rel=1e-3)
+    assert float((outer.detach() - before[0]).abs().max()) == pytest.approx(3e-3, rel=1e-3)
+    assert float((inner.detach() - before[1]).abs().max()) == pytest.approx(1e-3, rel=1e-3)
