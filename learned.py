@@ -130,7 +130,8 @@ class LearnedBLT(nn.Module):
         logits = self.decoder(self.chunking.up(z, c["h"], c))  # (B, T, V)
         real = tokens != PAD_ID
         ratio = ratio_loss(c["b"], c["p"], self.cfg.patch_size, real)
-        self.stats = {"chunks": (c["b"] & real).sum().detach(), "bytes": real.sum().detach(), "ratio_loss": ratio.detach()}
+        self.stats = {"chunks": (c["b"] & real).sum().detach(), "bytes": real.sum().detach(),
+                      "ratio_loss": ratio.detach()}
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().view(-1, VOCAB_SIZE), targets.reshape(-1), ignore_index=-1)

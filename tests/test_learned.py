@@ -230,8 +230,9 @@ def test_train_resume_and_sample(tmp_path):
             "--log-interval", "1", "--config", "local_dim=32", "--config", "local_heads=2", "--config",
             "decoder_layers=1", "--config", "global_dim=64", "--config", "global_layers=1", "--config",
             "global_heads=2", "--config", "hash_buckets=64", "--config", "multiple_of=16", "--preset", "smoke"]
-    run = lambda *a: subprocess.run([sys.executable, str(REPO / "train.py"), *tiny, *a], capture_output=True,  # noqa: E731
-                                    text=True, cwd=REPO, timeout=120)
+    def run(*flags):
+        return subprocess.run([sys.executable, str(REPO / "train.py"), *tiny, *flags], capture_output=True,
+                              text=True, cwd=REPO, timeout=120)
     stopped = run("--steps", "6", "--stop-at", "3")
     assert "continue with --resume" in stopped.stderr, stopped.stderr
     done = run("--steps", "6", "--resume")
