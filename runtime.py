@@ -505,11 +505,13 @@ class Run:
         if self.log:
             self.log.write(record)
 
-    def log_train(self, step: int, loss_sum: torch.Tensor, lr: float, last: bool):
-        """Every log_interval steps: the mean loss over the global batch; stop on a non-finite loss."""
+    def log_train(self, step: int, loss_sum: torch.Tensor, lr: float, last: bool, extra=None):
+        """Every log_interval steps: the mean loss over the global batch; stop on a non-finite loss. extra():
+        more fields for the record (learned boundaries: bytes per chunk and the ratio loss), called when logging."""
         self.bar.update(1)
         if step % self.log_interval and not last:
             return
+        more = extra() if extra is not None else {}
         now = self.clock.elapsed()
         rate = (step - self.logged_step) * self.bytes_per_step / max(1e-9, now - self.logged_time)
         self.logged_step, self.logged_time = step, now
@@ -519,8 +521,9 @@ class Run:
             raise TrainingError(f"{self.name}: loss became {loss} at step {step}; the last good checkpoint "
                                 f"{self.ckpt_path} was kept (try a lower --lr)")
         self.write({"type": "train", "step": step, "bytes": step * self.bytes_per_step, "time": self.clock.elapsed(),
-                    "lr": lr, "loss": loss, "bpb": bpb, "bytes_per_s": rate})
-        self.bar.set_postfix(loss=f"{loss:.3f}", bpb=f"{bpb:.3f}", bytes_s=f"{rate:,.0f}", refresh=False)
+                    "lr": lr, "loss": loss, "bpb": bpb, "bytes_per_s": rate, **more})
+        self.bar.set_postfix(loss=f"{loss:.3f}", bpb=f"{bpb:.3f}", bytes_s=f"{rate:,.0f}",
+                             **{k: f"{v:.3f}" for k, v in more.items()}, refresh=False)
 
     def evaluate(self, step: int, evaluate, max_bytes: int | None) -> dict:
         """metrics = evaluate(max_bytes), timed (for the clock's reserve) and logged."""
