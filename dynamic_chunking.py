@@ -69,18 +69,32 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """x: (B, T, D) encoder states, tokens: (B, T) ids -> p: (B, T) float32 in [0, 1], p = 1 at BOS."""
         q, k = self.wq(x[:, :-1]).float(), self.wk(x[:, 1:]).float()  # (B, T-1, D): q_{t-1}, k_t
-        cos = F.cosine_similarity(q, k, dim=-1)  # (B, T-1)
-        p = torch.clamp(0.5 * (1 - cos), 0.0, 1.0)
+        p = boundary_probability(q, k)  # (B, T-1): p_1 .. p_{T-1}
+        # --- solution: lesson 9: the first byte and every BOS start a chunk (paper §2.2.1 of H-Net) ---
         p = F.pad(p, (1, 0), value=1.0)  # p_0 = 1: the first byte always starts a chunk
-        return p.masked_fill(tokens == BOS_ID, 1.0)  # and so does every document start
+        p = p.masked_fill(tokens == BOS_ID, 1.0)  # and so does every document start
+        # --- end solution ---
+        return p
 
     def step(self, x_prev: torch.Tensor | None, x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
         """p_t of one new position: x_prev, x (B, D) encoder states at t-1 and t (x_prev None at t = 0),
         token (B,) -> (B,) float32. What forward computes at position t (generation, sample.py)."""
         if x_prev is None:
             return torch.ones(x.shape[0], device=x.device)
-        cos = F.cosine_similarity(self.wq(x_prev).float(), self.wk(x).float(), dim=-1)
-        return torch.clamp(0.5 * (1 - cos), 0.0, 1.0).masked_fill(token == BOS_ID, 1.0)
+        p = boundary_probability(self.wq(x_prev).float(), self.wk(x).float())
+        return p.masked_fill(token == BOS_ID, 1.0)
+
+
+def boundary_probability(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """p_t = 1/2 (1 - cos(q_{t-1}, k_t)) clamped to [0, 1] (section 2.2.1, eq. 4): 0 when the two states
+    point the same way, 1/2 when orthogonal, 1 when opposite. Clamped because rounding can put cos a hair
+    outside [-1, 1].
+    q: (..., D) projections of the earlier state, k: (..., D) of the later one -> (...) float32.
+    Example: q = [1, 0], k = [0, 1] -> 0.5; q = [1, 0], k = [-2, 0] -> 1.0."""
+    # --- solution: lesson 9: boundary probability of adjacent states (paper §2.2.1 of H-Net, eq. 4) ---
+    cos = F.cosine_similarity(q.float(), k.float(), dim=-1)
+    return torch.clamp(0.5 * (1 - cos), 0.0, 1.0)
+    # --- end solution ---
 
 
 def boundaries(p: torch.Tensor) -> torch.Tensor:
@@ -170,10 +184,12 @@ def ratio_loss(b: torch.Tensor, p: torch.Tensor, target: float, real: torch.Tens
     b, p: (B, T); real: (B, T) bool, the bytes that count (default all) -> scalar float32."""
     N = float(target)
     real = torch.ones_like(b) if real is None else real
+    # --- solution: lesson 9: ratio loss over real bytes, F without gradient (paper §2.3.3 of H-Net, eq. 10) ---
     n = real.sum().clamp(min=1)
     F_ = (b & real).sum().float() / n
     G = (p.float() * real).sum() / n
     return N / (N - 1) * ((N - 1) * F_ * G + (1 - F_) * (1 - G))
+    # --- end solution ---
 
 
 class DynamicChunking(nn.Module):

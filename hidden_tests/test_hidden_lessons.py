@@ -15,10 +15,11 @@ from checkpoint import read_checkpoint
 from compare import assert_close
 from data import load_corpus
 from decoder import decoder_patch_ids
+from dynamic_chunking import Router, boundary_probability, ratio_loss
 from encoder import HASH_PRIMES, LocalEncoder, hash_ngram_ids
 from entropy_model import EntropyModel, entropy_from_logits
 from global_transformer import GlobalTransformer
-from patching import (entropy_patch_starts, is_space_like, lengths_from_starts, limit_patch_length,
+from patching import (BOS_ID, entropy_patch_starts, is_space_like, lengths_from_starts, limit_patch_length,
                       patch_ids_from_lengths, space_patch_starts)
 from test_decoder import complete_patch_reference
 from test_encoder import naive_pool, reference_ids
@@ -254,3 +255,55 @@ def test_recipe_with_four_micro_batches(tmp_path, monkeypatch):
     assert [r["loss"] for r in logged] == pytest.approx(losses, rel=1e-5, abs=1e-6)
     for name, want in weights.items():
         assert_close(ckpt["model"][name], want, atol=1e-6, rtol=1e-4, what=name)
+
+
+# ---- lesson 9 ----
+
+@pytest.mark.lesson9
+@pytest.mark.parametrize("seed", SEEDS)
+def test_boundary_probability_random(seed):
+    """Against the formula in float64, on random states of random widths, in float32 and bf16 inputs."""
+    g = torch.Generator().manual_seed(seed)
+    for dim in (1, 3, 64):
+        q, k = torch.randn(5, 7, dim, generator=g), torch.randn(5, 7, dim, generator=g)
+        cos = (q.double() * k.double()).sum(-1) / (q.double().norm(dim=-1) * k.double().norm(dim=-1))
+        want = (0.5 * (1 - cos)).clamp(0, 1).float()
+        got = boundary_probability(q, k)
+        assert got.dtype == torch.float32
+        assert_close(got, want, atol=1e-5, rtol=0, what=f"boundary probability, width {dim}")
+        assert ((got >= 0) & (got <= 1)).all()
+        assert_close(boundary_probability(q, 7 * q), torch.zeros(5, 7), atol=1e-5, rtol=0,
+                     what="p of two states pointing the same way")
+
+
+@pytest.mark.lesson9
+@pytest.mark.parametrize("seed", SEEDS)
+def test_router_bos_rule_random(seed):
+    g = torch.Generator().manual_seed(seed)
+    router = Router(8)
+    x = torch.randn(3, 20, 8, generator=g)
+    tokens = torch.randint(4, 260, (3, 20), generator=g)
+    tokens[torch.rand(3, 20, generator=g) < 0.2] = BOS_ID
+    with torch.no_grad():
+        p = router(x, tokens)
+    inner = boundary_probability(x[:, :-1], x[:, 1:])  # identity projections at initialisation
+    expect = torch.cat([torch.ones(3, 1), inner], dim=1).masked_fill(tokens == BOS_ID, 1.0)
+    assert_close(p, expect, atol=1e-6, rtol=0, what="router probabilities")
+
+
+@pytest.mark.lesson9
+@pytest.mark.parametrize("seed", SEEDS)
+def test_ratio_loss_random(seed):
+    """Value against the formula over the real bytes only, and G's gradient against its closed form."""
+    g = torch.Generator().manual_seed(seed)
+    for N in (2.0, 3.5, 8.0):
+        p = torch.rand(4, 30, generator=g, dtype=torch.float64).float().requires_grad_()
+        b = torch.rand(4, 30, generator=g) < 1 / N
+        real = torch.rand(4, 30, generator=g) < 0.8
+        loss = ratio_loss(b, p, N, real)
+        n = float(real.sum())
+        F_, G = float((b & real).sum()) / n, float((p.detach().double() * real).sum()) / n
+        assert float(loss.detach()) == pytest.approx(N / (N - 1) * ((N - 1) * F_ * G + (1 - F_) * (1 - G)), rel=1e-5)
+        loss.backward()
+        grad = N / (N - 1) * ((N - 1) * F_ - (1 - F_)) / n  # dL/dp_t at every real byte, 0 at padding
+        assert_close(p.grad, torch.where(real, grad, 0.0), atol=1e-6, rtol=1e-5, what="ratio loss gradient")

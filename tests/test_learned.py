@@ -61,6 +61,28 @@ def test_smoothing_equals_its_loop_definition(extreme):
     assert torch.allclose(smooth(z, P)[:, 0], P[:, :1] * z[:, 0], atol=1e-6)
 
 
+@pytest.mark.lesson9
+def test_boundary_probability_and_the_first_byte_rule():
+    """p is 0 for states that point the same way, 1/2 for orthogonal ones, 1 for opposite ones; the first byte
+    and every BOS start a chunk whatever their states."""
+    q = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [3.0, 4.0]])
+    k = torch.tensor([[2.0, 0.0], [0.0, 1.0], [-2.0, 0.0], [4.0, -3.0]])
+    p = dynamic_chunking.boundary_probability(q, k)
+    assert p.dtype == torch.float32 and p.shape == (4,)
+    assert torch.allclose(p, torch.tensor([0.0, 0.5, 1.0, 0.5]), atol=1e-6), p
+    router = dynamic_chunking.Router(2)  # identity projections: p compares the states themselves
+    x = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [1.0, 0.1], [-1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]])
+    tokens = torch.tensor([[5, 6, 7, 8, 1, 9]])  # a BOS (id 1) at position 4, between two equal states
+    with torch.no_grad():
+        p = router(x, tokens)
+    assert p.shape == (1, 6) and p[0, 0] == 1.0, "the first byte of a row always starts a chunk (p_0 = 1)"
+    assert p[0, 4] == 1.0, "a BOS starts a chunk (a new document), whatever the states"
+    assert p[0, 1] == pytest.approx(0.0, abs=1e-6) and p[0, 3] > 0.99 and p[0, 5] == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():  # the same rule, one position at a time (generation)
+        assert torch.equal(router.step(x[:, 3], x[:, 4], tokens[:, 4]), torch.ones(1))
+
+
+@pytest.mark.lesson9
 def test_ratio_loss_hand_cases():
     def loss(F, G, N):  # F, G in [0, 1] with 100 bytes; p constant = G
         b = torch.arange(100) < round(F * 100)
@@ -80,6 +102,7 @@ def test_ratio_loss_hand_cases():
         assert (abs(g) < 1e-6) if sign == 0 else (g * sign > 0)
 
 
+@pytest.mark.lesson9
 def test_ratio_loss_ignores_padding():
     b = torch.tensor([[1, 0, 0, 0, 1, 1]], dtype=torch.bool)
     p = torch.tensor([[1.0, 0.0, 0.0, 0.0, 0.9, 0.9]])
