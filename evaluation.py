@@ -40,12 +40,13 @@ def evaluate(model, kind: str, config, val, seq_len: int, batch_size: int, dtype
         lengths = model.patch(x) if kind == "blt" else None  # (B, P)
         with autocast(device, dtype):
             logits = model(x, patch_lengths=lengths) if kind == "blt" else model(x)  # (B, T, V)
-        nats += F.cross_entropy(logits.float().reshape(-1, VOCAB_SIZE), y.reshape(-1), reduction="sum").item()
+        # the sums stay on the device until the end: no host sync per batch
+        nats = nats + F.cross_entropy(logits.float().reshape(-1, VOCAB_SIZE), y.reshape(-1), reduction="sum").double()
         n_bytes += y.numel()
         if lengths is not None:
-            positions, patches = positions + int(lengths.sum()), patches + int((lengths > 0).sum())
+            positions, patches = positions + lengths.sum(), patches + (lengths > 0).sum()
     model.train(was_training)
-    nats, n_bytes, positions, patches = DIST.sum([nats, n_bytes, positions, patches])
+    nats, n_bytes, positions, patches = DIST.sum([float(nats), n_bytes, int(positions), int(patches)])
     out = {"val_bpb": bits_per_byte(nats, int(n_bytes)), "val_bytes": int(n_bytes)}
     if kind == "blt":
         out["patch_size"] = positions / patches

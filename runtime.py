@@ -166,7 +166,8 @@ def autocast(device: torch.device, dtype: str):
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x
+    """A host batch onto the device (on the CPU, .to returns x itself)."""
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
 
 
 def compiled_graphs() -> int:
