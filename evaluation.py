@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from blt import bits_per_byte, byte_transformer_flops_per_byte, flops_per_byte
 from data import eval_windows
 from patching import VOCAB_SIZE
-from runtime import DIST, autocast, to_device
+from runtime import DIST, autocast, full_fp32, to_device
 from tokens import evaluate_bpb, token_flops_per_byte
 
 
@@ -24,8 +24,8 @@ from tokens import evaluate_bpb, token_flops_per_byte
 def evaluate(model, kind: str, config, val, seq_len: int, batch_size: int, dtype: str, device: torch.device,
              max_bytes: int | None = None, tokens=None) -> dict:
     """Bits per byte of a "blt", byte-level ("entropy", "byte") or "bpe" model over val[:max_bytes]. Under
-    torchrun each process takes every N-th batch and the sums are added up. BLT is patched by its own (fp32)
-    entropy model, outside autocast, as in training. Returns val_bpb, val_bytes, FLOPs per byte and, for BLT,
+    torchrun each process takes every N-th batch and the sums are added up. BLT is patched by its own (fp32,
+    TF32 off) entropy model, outside autocast, as in training. Returns val_bpb, val_bytes, FLOPs per byte and, for BLT,
     the average patch size (and the entropy model's forward FLOPs per byte, counted apart as the paper does).
     "bpe" needs tokens (tokens.TokenSetup) and ignores seq_len (its windows are tokens.seq_len tokens)."""
     if kind == "bpe":
@@ -37,7 +37,8 @@ def evaluate(model, kind: str, config, val, seq_len: int, batch_size: int, dtype
         if i % DIST.world != DIST.rank:
             continue
         x, y = to_device(x, device), to_device(y, device)  # (B, T) each
-        lengths = model.patch(x) if kind == "blt" else None  # (B, P)
+        with full_fp32():  # TF32 off, as in training and sampling
+            lengths = model.patch(x) if kind == "blt" else None  # (B, P)
         with autocast(device, dtype):
             logits = model(x, patch_lengths=lengths) if kind == "blt" else model(x)  # (B, T, V)
         # the sums stay on the device until the end: no host sync per batch
