@@ -69,7 +69,7 @@ CPU = dict(
 )  # final_eval_bytes 0: the whole validation split
 PRESETS = {
     "cpu": CPU,  # 2 CPU cores: the whole pipeline in about 10 minutes
-    "gpu": {**CPU, **dict(  # one GPU, about an hour (estimated, not measured) on enwik8, its default corpus
+    "gpu": {**CPU, **dict(  # one GPU, about an hour on enwik8, its default corpus (~1e17 FLOPs: estimated, not measured)
         blt=one_gpu(), byte=ByteLMConfig(dim=768, layers=12, heads=12, window=None, multiple_of=256),
         bpe=TokenLMConfig(vocab_size=4096, dim=768, layers=12, heads=12),
         entropy_train=dict(seq_len=1024, batch_size=64, lr=1e-3, warmup_steps=300),
