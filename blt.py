@@ -23,14 +23,16 @@ from global_transformer import GlobalTransformer
 from layers import swiglu_hidden_dim
 from patching import VOCAB_SIZE, patch_lengths as compute_patch_lengths
 
-SCHEMES = ("strided", "space", "entropy", "monotonic")
+SCHEMES = ("strided", "space", "entropy", "monotonic")  # BLT's patchers
+LEARNED = "learned"  # H-Net's dynamic chunking: the model learns its boundaries (learned.py)
 
 
 @dataclass
 class BLTConfig:
     # patching (section 2)
-    patching: str = "entropy"  # strided | space | entropy | monotonic
-    patch_size: float = 4.0  # strided: k; entropy schemes: the calibration target (average bytes per patch)
+    patching: str = "entropy"  # strided | space | entropy | monotonic | learned
+    patch_size: float = 4.0  # strided: k; entropy schemes: the calibration target (average bytes per patch);
+    #                          learned: N, the ratio loss's target bytes per chunk
     entropy_threshold: float | None = None  # theta_g or theta_r in nats, set by calibration (patching.py)
     max_patch_length: int | None = None
     # entropy model (section 2.3), a separate small byte LM
@@ -58,14 +60,21 @@ class BLTConfig:
     # shared
     multiple_of: int = 256  # SwiGLU hidden width rounding (Llama convention)
     norm_eps: float = 1e-5
+    ratio_loss_weight: float | None = None  # learned: alpha of the ratio loss (None: H-Net's 0.03)
     dropout: float = 0.0  # training only: local embeddings and every residual branch of the encoder, global
     #                       model and decoder (0 as released; a corpus of a few MB is seen many times and needs it)
 
     def __post_init__(self):
         """Refuse values the model cannot be built, patched or trained with: ConfigError (a ValueError) naming
         the key, the value and what is allowed. The one place these are checked, for flags and checkpoints."""
-        check(self, "patching", self.patching in SCHEMES, f"unknown patching scheme; choose one of {', '.join(SCHEMES)}")
+        check(self, "patching", self.patching in SCHEMES + (LEARNED,),
+              f"unknown patching scheme; choose one of {', '.join(SCHEMES + (LEARNED,))}")
         check(self, "patch_size", real(self.patch_size) and self.patch_size >= 1, "must be a number >= 1")
+        if self.patching == LEARNED:
+            check(self, "patch_size", self.patch_size > 1, "learned boundaries need a target above 1 byte per chunk")
+            check(self, "max_patch_length", self.max_patch_length is None, "learned boundaries have no maximum: null")
+        check(self, "ratio_loss_weight", self.ratio_loss_weight is None or real(self.ratio_loss_weight)
+              and self.ratio_loss_weight >= 0, "must be null (0.03) or a number >= 0")
         if self.patching == "strided":
             check(self, "patch_size", float(self.patch_size).is_integer(), "strided patching needs a whole stride")
         check(self, "max_patch_length", self.max_patch_length is None or whole(self.max_patch_length),
@@ -131,9 +140,19 @@ def blt_1b(**overrides) -> BLTConfig:
     return BLTConfig(**{**base, **overrides})
 
 
+def build_model(cfg: BLTConfig) -> nn.Module:
+    """BLT for a patching scheme, or learned.LearnedBLT (H-Net's dynamic chunking) for learned boundaries."""
+    if cfg.patching == LEARNED:
+        from learned import LearnedBLT  # learned.py builds on this file's init_weights
+        return LearnedBLT(cfg)
+    return BLT(cfg)
+
+
 class BLT(nn.Module):
     def __init__(self, cfg: BLTConfig):
         super().__init__()
+        if cfg.patching == LEARNED:
+            raise ValueError("learned boundaries are a model of their own: build it with blt.build_model")
         self.cfg = cfg
         # The entropy model is trained separately (train.py stage 1) and frozen; it lives here so that one
         # checkpoint holds everything needed to patch and generate.
@@ -189,6 +208,10 @@ def count_parameters(model: nn.Module) -> dict:
         hashes = n(model.encoder.hash_embeddings)
         counts.update(encoder=n(model.encoder) - hashes, hash_embeddings=hashes,
                       global_transformer=n(model.global_transformer), decoder=n(model.decoder))
+    elif getattr(getattr(model, "cfg", None), "patching", None) == LEARNED:  # router and residual: the encoder's
+        hashes = n(model.encoder.hash_embeddings)
+        counts.update(encoder=n(model.encoder) - hashes + n(model.chunking), hash_embeddings=hashes,
+                      global_transformer=n(model.global_transformer) + n(model.global_output), decoder=n(model.decoder))
     else:
         counts = {"model": n(model)}
     return counts
@@ -227,6 +250,8 @@ def flops_per_byte(cfg: BLTConfig, patch_size: float, seq_len: int = 512) -> dic
     counted here on their own line. The entropy model is reported apart and not in the total: the paper
     counts it separately (its cost is paid once per byte during patching).
     """
+    if cfg.patching == LEARNED:
+        return learned_flops_per_byte(cfg, patch_size, seq_len)
     n_p, k = patch_size, cfg.cross_attn_k
     h_E = h_D = cfg.local_dim
     w_local = min(cfg.local_window or seq_len, seq_len)
@@ -250,6 +275,26 @@ def flops_per_byte(cfg: BLTConfig, patch_size: float, seq_len: int = 512) -> dic
             "entropy_model_forward": entropy if cfg.patching in ("entropy", "monotonic") else 0.0}
 
 
+def learned_flops_per_byte(cfg: BLTConfig, bytes_per_chunk: float, seq_len: int = 512) -> dict:
+    """flops_per_byte for learned boundaries (learned.py), n_p = the realised bytes per chunk: the same global,
+    encoder and decoder stacks; no cross-attention; instead the router (W_q, W_k on every byte), the
+    residual projection (every byte), and the projections D_E -> D_G -> D_E (once per chunk). The smoothing
+    and the cosines are a few operations per width and left out, as norms are."""
+    n_p, h_E, D_G = bytes_per_chunk, cfg.local_dim, cfg.global_dim
+    w_local = min(cfg.local_window or seq_len, seq_len)
+    ffn = lambda d: swiglu_hidden_dim(d, cfg.multiple_of)  # noqa: E731
+    forward = {
+        "global": transformer_flops(D_G, cfg.global_layers, seq_len / n_p, 0, ffn(D_G)) / n_p,
+        "encoder": transformer_flops(h_E, cfg.encoder_layers, w_local, 0, ffn(h_E)),
+        "decoder": transformer_flops(h_E, cfg.decoder_layers, w_local, VOCAB_SIZE, ffn(h_E)),
+        "router": 2 * 2 * h_E * h_E,
+        "residual": 2 * h_E * h_E,
+        "projections": 2 * ((h_E * D_G if h_E != D_G else 0) + D_G * h_E) / n_p,
+    }
+    total = sum(forward.values())
+    return {"forward": forward, "forward_total": total, "train_total": 3 * total, "entropy_model_forward": 0.0}
+
+
 def byte_transformer_flops_per_byte(dim: int, layers: int, context: int, multiple_of: int = 256) -> dict:
     """The same accounting for a plain byte-level transformer (no patches): one step per byte."""
     fwd = transformer_flops(dim, layers, context, VOCAB_SIZE, swiglu_hidden_dim(dim, multiple_of))
@@ -258,6 +303,6 @@ def byte_transformer_flops_per_byte(dim: int, layers: int, context: int, multipl
 
 def bits_per_byte(nats_sum: float, n_bytes: int) -> float:
     """Sum of cross-entropies in nats over n predicted bytes -> bits per byte."""
-    # --- solution: stage 7: summed nats to bits per byte (paper §4) ---
+    # --- solution: lesson 7: summed nats to bits per byte (paper §4) ---
     return nats_sum / (math.log(2) * n_bytes)
     # --- end solution ---

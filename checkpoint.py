@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blt import BLT, BLTConfig
+from blt import BLTConfig, build_model as build_blt
 from entropy_model import ByteLMConfig
 from tokens import TokenLM, TokenLMConfig, TokenSetup
 
@@ -133,7 +133,7 @@ def build_model(kind: str, config: dict, device: str | torch.device | None = Non
     with torch.device(device) if device is not None else nullcontext():
         if kind == "blt":
             cfg = BLTConfig.from_dict(config)
-            return cfg, BLT(cfg)
+            return cfg, build_blt(cfg)  # BLT, or learned.LearnedBLT for learned boundaries
         if kind == "bpe":
             cfg = TokenLMConfig.from_dict(config)
             return cfg, TokenLM(cfg)

@@ -41,7 +41,7 @@ def decoder_patch_ids(patch_lengths: torch.Tensor, seq_len: int) -> torch.Tensor
     patch_lengths: (B, P). Returns (B, seq_len) in [0, P - 1), or -1 for a byte with no patch to read
     (no slot and no complete patch after BOS).
     """
-    # --- solution: stage 6: the one-patch decoder shift (paper §3.3) ---
+    # --- solution: lesson 6: the one-patch decoder shift (paper §3.3) ---
     return patch_ids_from_lengths(patch_lengths[:, 1:], seq_len)
     # --- end solution ---
 
@@ -69,7 +69,7 @@ class LocalDecoder(nn.Module):
         B, P, _ = global_out.shape
         D, k = h.shape[-1], self.k
         slots = self.patch_projection(global_out).view(B, P * k, D)  # (B, P*k, D): slot j of o_p at p*k + j
-        # --- solution: stage 6: each byte reads the k slots of its decoder patch (paper §3.3) ---
+        # --- solution: lesson 6: each byte reads the k slots of its decoder patch (paper §3.3) ---
         # The mask (T, P*k) would allow byte t to read slot p*k + j only if p = dec_patch_ids[t]: each byte
         # reads exactly k slots, so those are listed instead and only they are scored (id -1 reads nothing).
         pairs = patch_slot_pairs(dec_patch_ids, k)  # (B, T, k): the slots each byte reads

@@ -41,7 +41,7 @@ def hash_ngram_ids(tokens: torch.Tensor, n: int, buckets: int, hash_function: in
 
     tokens: (B, T) int64 ids. Returns (B, T) int64 in [0, buckets).
     """
-    # --- solution: stage 3: RollPolyHash n-gram ids, int64 wrap-around (paper §3.2.1, eqs. 5-6) ---
+    # --- solution: lesson 3: RollPolyHash n-gram ids, int64 wrap-around (paper §3.2.1, eqs. 5-6) ---
     B, T = tokens.shape
     prime = HASH_PRIMES[hash_function % len(HASH_PRIMES)]
     padded = torch.cat([tokens.new_zeros(B, n - 1), tokens], dim=1)  # (B, T + n - 1)
@@ -71,7 +71,7 @@ class LocalEncoder(nn.Module):
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, T) ids -> (B, T, D) byte embeddings plus hash n-gram embeddings (section 3.2.1)."""
-        # --- solution: stage 3: byte embedding plus hash n-gram embeddings (paper §3.2.1, eq. 6) ---
+        # --- solution: lesson 3: byte embedding plus hash n-gram embeddings (paper §3.2.1, eq. 6) ---
         h = self.tok_embeddings(tokens)
         tables = iter(self.hash_embeddings)
         for f in range(self.hash_functions):
@@ -92,7 +92,7 @@ class LocalEncoder(nn.Module):
     def pool(self, h: torch.Tensor, patch_ids: torch.Tensor, n_patches: int) -> torch.Tensor:
         """Patch cross-attention (section 3.2.2). h: (B, T, D) byte states, patch_ids: (B, T) ->
         (B, P, k * D) patch representations. Empty patches (padding) pool to 0 and attend to nothing."""
-        # --- solution: stage 4: pool each patch, cross-attend to its own bytes (paper §3.2.2) ---
+        # --- solution: lesson 4: pool each patch, cross-attend to its own bytes (paper §3.2.2) ---
         B, T, D = h.shape
         P, k = n_patches, self.k
         # released code pools the last layer's byte states; paper §3.2.2 pools the byte embeddings

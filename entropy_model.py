@@ -28,7 +28,7 @@ from patching import VOCAB_SIZE
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Shannon entropy in nats of softmax(logits) over the last axis. (..., V) -> (...)."""
-    # --- solution: stage 1: entropy of softmax(logits) in nats (paper §2.3, eq. 3) ---
+    # --- solution: lesson 1: entropy of softmax(logits) in nats (paper §2.3, eq. 3) ---
     p = F.softmax(logits.float(), dim=-1)
     return -torch.special.xlogy(p, p).sum(dim=-1)  # xlogy takes 0 log 0 = 0, so masked (-inf) classes add nothing
     # --- end solution ---
@@ -127,7 +127,7 @@ class EntropyModel(nn.Module):
         B, T = tokens.shape
         pos = torch.arange(start_pos, start_pos + T, device=tokens.device)  # (T,)
         cos, sin = rope_cos_sin(pos, self.head_dim, self.rope_theta, compute_dtype(self.output.weight))  # (T, Dh)
-        # --- solution: stage 1: causal sliding-window mask (paper §2.3, §2.4) ---
+        # --- solution: lesson 1: causal sliding-window mask (paper §2.3, §2.4) ---
         mask = None if caches else causal_mask(pos, pos, self.window)  # (1, 1, T, T)
         # --- end solution ---
         h = self.tok_embeddings(tokens)  # (B, T, D)

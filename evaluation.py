@@ -13,7 +13,7 @@ Shapes: B = batch, T = bytes per window (BOS included), V = 260.
 import torch
 import torch.nn.functional as F
 
-from blt import bits_per_byte, byte_transformer_flops_per_byte, flops_per_byte
+from blt import LEARNED, bits_per_byte, byte_transformer_flops_per_byte, flops_per_byte
 from data import eval_windows
 from patching import VOCAB_SIZE
 from runtime import DIST, autocast, full_fp32, to_device
@@ -25,11 +25,13 @@ def evaluate(model, kind: str, config, val, seq_len: int, batch_size: int, dtype
              max_bytes: int | None = None, tokens=None) -> dict:
     """Bits per byte of a "blt", byte-level ("entropy", "byte") or "bpe" model over val[:max_bytes]. Under
     torchrun each process takes every N-th batch and the sums are added up. BLT is patched by its own (fp32,
-    TF32 off) entropy model, outside autocast, as in training. Returns val_bpb, val_bytes, FLOPs per byte and, for BLT,
-    the average patch size (and the entropy model's forward FLOPs per byte, counted apart as the paper does).
+    TF32 off) entropy model, outside autocast, as in training. Returns val_bpb, val_bytes, FLOPs per byte and,
+    for BLT, the average patch size (and the entropy model's forward FLOPs per byte, counted apart as the paper
+    does); with learned boundaries (learned.py) the realised bytes per chunk is the patch size.
     "bpe" needs tokens (tokens.TokenSetup) and ignores seq_len (its windows are tokens.seq_len tokens)."""
     if kind == "bpe":
         return evaluate_token_model(model, config, val, tokens, batch_size, dtype, device, max_bytes)
+    learned = kind == "blt" and model.cfg.patching == LEARNED
     was_training = model.training
     model.eval()
     nats, n_bytes, positions, patches = 0.0, 0, 0, 0
@@ -37,15 +39,18 @@ def evaluate(model, kind: str, config, val, seq_len: int, batch_size: int, dtype
         if i % DIST.world != DIST.rank:
             continue
         x, y = to_device(x, device), to_device(y, device)  # (B, T) each
+        patched = kind == "blt" and not learned  # learned boundaries come out of the model's own forward
         with full_fp32():  # TF32 off, as in training and sampling
-            lengths = model.patch(x) if kind == "blt" else None  # (B, P)
+            lengths = model.patch(x) if patched else None  # (B, P)
         with autocast(device, dtype):
-            logits = model(x, patch_lengths=lengths) if kind == "blt" else model(x)  # (B, T, V)
+            logits = model(x, patch_lengths=lengths) if patched else model(x)  # (B, T, V)
         # the sums stay on the device until the end: no host sync per batch
         nats = nats + F.cross_entropy(logits.float().reshape(-1, VOCAB_SIZE), y.reshape(-1), reduction="sum").double()
         n_bytes += y.numel()
         if lengths is not None:
             positions, patches = positions + lengths.sum(), patches + (lengths > 0).sum()
+        if learned:  # bytes per chunk: input positions (BOS included) per chunk
+            positions, patches = positions + model.stats["bytes"], patches + model.stats["chunks"]
     model.train(was_training)
     nats, n_bytes, positions, patches = DIST.sum([float(nats), n_bytes, int(positions), int(patches)])
     out = {"val_bpb": bits_per_byte(nats, int(n_bytes)), "val_bytes": int(n_bytes)}

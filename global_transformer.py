@@ -38,7 +38,7 @@ class GlobalTransformer(nn.Module):
         h = self.input_projection(patches) if self.input_projection is not None else patches
         positions = torch.arange(start, start + P, device=patches.device)  # (P,) patch indices
         cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, compute_dtype(h))  # (P, Dh)
-        # --- solution: stage 5: causal mask over patches (paper §3.1) ---
+        # --- solution: lesson 5: causal mask over patches (paper §3.1) ---
         mask = None if caches else causal_mask(positions, positions)  # (1, 1, P, P) causal over patches
         # --- end solution ---
         for i, layer in enumerate(self.layers):

@@ -272,6 +272,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v, key_positions = cache.update(k, v, positions)  # (B, H, S, Dh), S = kept + T
             mask = causal_mask(positions, key_positions, cache.window)  # (1, 1, T, S)
+        elif mask is None:  # say what is missing, rather than fail inside attend
+            raise ValueError("self-attention without a KV cache needs a mask (B or 1, 1, T, T), got None: build it "
+                             "with layers.causal_mask (mask=None goes only with caches)")
         elif self.window is not None and T > (1 if _explicit_math(q) else 4) * self.window:  # measured thresholds
             out = attend_sliding_window(q, k, v, mask, self.window)  # None if the mask reaches further
         if out is None:

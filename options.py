@@ -90,10 +90,12 @@ def parse_args(argv, presets) -> argparse.Namespace:
     p.add_argument("--vocab-size", type=int_at_least(257), default=None,
                    help="--model bpe: BPE vocabulary, trained on the training split (default 4096: ~3 bytes per "
                         "token on shakespeare)")
-    p.add_argument("--patching", choices=("entropy", "monotonic", "strided", "space"), default=None,
-                   help="the patching scheme (default entropy; the same as --config patching=...)")
+    p.add_argument("--patching", choices=("entropy", "monotonic", "strided", "space", "learned"), default=None,
+                   help="the patching scheme (default entropy; the same as --config patching=...); learned: "
+                        "boundaries learned end to end (H-Net's dynamic chunking, learned.py)")
     p.add_argument("--patch-size", type=number(at_least=1), default=None,
-                   help="target average patch size (entropy schemes) or stride (strided, a whole number)")
+                   help="target average patch size (entropy schemes), stride (strided, a whole number) or target "
+                        "bytes per chunk (learned, above 1)")
     p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model config field (BLTConfig; ByteLMConfig with --model byte; "
                         "tokens.TokenLMConfig with --model bpe)")
@@ -116,6 +118,9 @@ def parse_args(argv, presets) -> argparse.Namespace:
                    help="bytes per window of the main model; --model bpe reads round(seq_len / bytes per token "
                         "of the training split) tokens, so every model's windows span the same bytes")
     p.add_argument("--lr", type=number(above=0), default=None, help="peak learning rate of the main model")
+    p.add_argument("--outer-lr-multiplier", type=number(above=0), default=None,
+                   help="--patching learned: the encoder, router and decoder train at --lr x this, the global "
+                        "transformer at --lr (H-Net's per-stage multiplier; default 1)")
     p.add_argument("--entropy-lr", type=number(above=0), default=None, help="peak learning rate of the entropy model")
     p.add_argument("--entropy-seq-len", type=pos, default=None, help="bytes per window for the entropy model")
     p.add_argument("--warmup-steps", type=count, default=None, help="warmup steps of the main model")

@@ -95,7 +95,7 @@ def space_patch_starts(tokens: torch.Tensor) -> torch.Tensor:
 
     tokens: (B, T). Returns starts: (B, T+1) bool.
     """
-    # --- solution: stage 2: space patching: starts after a space-like byte (paper §2.2) ---
+    # --- solution: lesson 2: space patching: starts after a space-like byte (paper §2.2) ---
     B, T = tokens.shape
     space = is_space_like(tokens)  # (B, T)
     starts = torch.zeros(B, T + 1, dtype=torch.bool, device=tokens.device)
@@ -114,7 +114,7 @@ def entropy_patch_starts(entropies: torch.Tensor, threshold: float, monotonic: b
 
     entropies: (B, T) next-byte entropies in nats. Returns starts: (B, T+1) bool.
     """
-    # --- solution: stage 2: global and monotonic entropy rules (paper §2.3, eq. 4) ---
+    # --- solution: lesson 2: global and monotonic entropy rules (paper §2.3, eq. 4) ---
     B, T = entropies.shape
     starts = torch.zeros(B, T + 1, dtype=torch.bool, device=entropies.device)
     if monotonic:
@@ -128,7 +128,7 @@ def entropy_patch_starts(entropies: torch.Tensor, threshold: float, monotonic: b
 def limit_patch_length(starts: torch.Tensor, max_patch_length: int | None) -> torch.Tensor:
     """Split patches longer than max_patch_length into chunks of that length (counted from each patch's
     start, so the rule stays incremental). starts: (B, N) bool -> (B, N) bool."""
-    # --- solution: stage 2: split patches longer than max_patch_length (paper §2.4, incremental) ---
+    # --- solution: lesson 2: split patches longer than max_patch_length (paper §2.4, incremental) ---
     if max_patch_length is None:
         return starts
     B, N = starts.shape
@@ -144,7 +144,7 @@ def lengths_from_starts(starts: torch.Tensor) -> torch.Tensor:
 
     Example: starts [1,1,0,0,1,0,0,0,1] -> lengths [1, 3, 4, 1].
     """
-    # --- solution: stage 2: patch starts to right-padded patch lengths (paper §2) ---
+    # --- solution: lesson 2: patch starts to right-padded patch lengths (paper §2) ---
     B, N = starts.shape
     patch_index = starts.long().cumsum(dim=1) - 1  # (B, N) index of the patch holding each position
     P = int(patch_index.max()) + 1

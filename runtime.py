@@ -544,9 +544,11 @@ class Run:
         if self.log:
             self.log.write(record)
 
-    def log_train(self, step: int, loss_sum: torch.Tensor, lr: float, last: bool):
-        """Every log_interval steps: the mean loss over the global batch; stop on a non-finite loss. After the
-        first step of a compiled model: its time, which is mostly compiling, leaves the clock (one line says it)."""
+    def log_train(self, step: int, loss_sum: torch.Tensor, lr: float, last: bool, extra=None):
+        """Every log_interval steps: the mean loss over the global batch; stop on a non-finite loss. extra():
+        more fields for the record (learned boundaries: bytes per chunk and the ratio loss), called when logging.
+        After the first step of a compiled model: its time, which is mostly compiling, leaves the clock (one
+        line says it)."""
         self.bar.update(1)
         if self.compiling and step == self.logged_step + 1 and self.logged_step == self.first_step:
             seconds = self.clock.elapsed() - self.logged_time
@@ -557,6 +559,7 @@ class Run:
                      f"{' and of --time-budget' if self.time_budget else ''}); {self.graphs} graph(s)")
         if step % self.log_interval and not last:
             return
+        more = extra() if extra is not None else {}
         now = self.clock.elapsed()
         rate = (step - self.logged_step) * self.bytes_per_step / max(1e-9, now - self.logged_time)
         self.logged_step, self.logged_time = step, now
@@ -566,9 +569,10 @@ class Run:
             raise TrainingError(f"{self.name}: loss became {loss} at step {step}; the last good checkpoint "
                                 f"{self.ckpt_path} was kept (try a lower --lr)")
         self.write({"type": "train", "step": step, "bytes": step * self.bytes_per_step, "time": self.clock.elapsed(),
-                    "lr": lr, "loss": loss, "bpb": bpb, "bytes_per_s": rate,
+                    "lr": lr, "loss": loss, "bpb": bpb, "bytes_per_s": rate, **more,
                     **({"graphs": compiled_graphs()} if self.compiling else {})})
-        self.bar.set_postfix(loss=f"{loss:.3f}", bpb=f"{bpb:.3f}", bytes_s=f"{rate:,.0f}", refresh=False)
+        self.bar.set_postfix(loss=f"{loss:.3f}", bpb=f"{bpb:.3f}", bytes_s=f"{rate:,.0f}",
+                             **{k: f"{v:.3f}" for k, v in more.items()}, refresh=False)
 
     def evaluate(self, step: int, evaluate, max_bytes: int | None) -> dict:
         """metrics = evaluate(max_bytes), timed (for the clock's reserve) and logged."""

@@ -27,6 +27,10 @@ generator does; it is the reference the incremental generator is tested against.
     python sample.py --checkpoint out/shakespeare-cpu/blt_entropy.pt --prompt "ROMEO:" --max-bytes 300 --show-patches
     python sample.py --checkpoint out/shakespeare-cpu/byte.pt --prompt "ROMEO:"
     python sample.py --checkpoint out/shakespeare-cpu/bpe.pt --prompt "ROMEO:" --show-patches   # token boundaries
+    python sample.py --checkpoint out/shakespeare-cpu/blt_learned.pt --prompt "ROMEO:" --show-patches  # learned
+
+A BLT with learned boundaries (train.py --patching learned) generates through learned.IncrementalLearnedBLT:
+its router decides whether each byte starts a chunk as the byte arrives, and a row runs its global step then.
 """
 import argparse
 import codecs
@@ -43,6 +47,7 @@ import torch.nn.functional as F
 from blt import BLT
 from checkpoint import CheckpointError, StorageError, load_checkpoint, os_reason
 from entropy_model import EntropyModel, entropy_from_logits
+from learned import IncrementalLearnedBLT, LearnedBLT
 from incremental import CachedByteLM, CachedStack, Head, NewestByteEmbedding, PatchPooler, PatchReader, transposed
 from patching import BOS_ID, EOS_ID, OFFSET, detokenize, limit_patch_length, patch_starts, tokenize
 from options import SEED, THREADS, Parser, device_name, int_at_least, nonempty, number, pick_device
@@ -266,7 +271,10 @@ def never_sampled(vocab_size: int, device: torch.device) -> torch.Tensor:
 
 
 def incremental(model, batch_size: int, capacity: int = 256):
-    """The cached one-byte-per-step generator of a BLT or of a byte-level model (EntropyModel)."""
+    """The cached one-byte-per-step generator of a BLT, a BLT with learned boundaries (learned.py) or a
+    byte-level model (EntropyModel)."""
+    if isinstance(model, LearnedBLT):
+        return IncrementalLearnedBLT(model, batch_size, capacity)
     if isinstance(model, BLT):
         return IncrementalBLT(model, batch_size, capacity)
     return IncrementalByteLM(model, batch_size, capacity)
@@ -509,9 +517,9 @@ def run(args) -> int:
     model = load_model(args.checkpoint).to(device)
     bpe = isinstance(model, TokenLM)
     what = "a BPE model" if bpe else "a byte-level model (one byte per step)"
-    if args.plot and not isinstance(model, BLT):
+    if args.plot and not isinstance(model, (BLT, LearnedBLT)):
         raise UsageError(f"--plot draws a BLT's entropies; {args.checkpoint} holds {what}")
-    if args.show_patches and not (isinstance(model, BLT) or bpe):
+    if args.show_patches and not (isinstance(model, (BLT, LearnedBLT)) or bpe):
         raise UsageError(f"--show-patches needs a BLT (or a BPE model, for its tokens); {args.checkpoint} holds {what}")
     if args.plot and model.entropy_model is None:
         raise UsageError(f"--plot draws the entropy model's entropies; {args.checkpoint} uses {model.cfg.patching} patching")
@@ -580,7 +588,7 @@ def run(args) -> int:
     n_new = args.max_bytes if bpe else tokens.shape[1] - len(prompt) - 1
     info = f"{n_new} bytes x {tokens.shape[0]} in {seconds:.2f}s ({n_new * tokens.shape[0] / seconds:.0f} bytes/s"
     info += f", {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})"
-    if isinstance(state, IncrementalBLT):
+    if isinstance(state, (IncrementalBLT, IncrementalLearnedBLT)):
         info += f", global steps per byte {state.global_steps / max(1, state.t * state.B):.3f}"
     if bpe:  # every row took as many tokens
         n_tokens = len(generated[0])

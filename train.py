@@ -5,6 +5,7 @@
     python train.py --stage calibrate        # 2. the threshold for the target patch size  -> OUT/calibration.json
     python train.py --stage blt              # 3. BLT with the frozen entropy model         -> OUT/blt_entropy.pt
     python train.py --patching space         # BLT baselines: strided | space | entropy | monotonic
+    python train.py --patching learned       # boundaries learned end to end (H-Net), --patch-size bytes per chunk
     python train.py --model byte             # a plain byte-level transformer               -> OUT/byte.pt
     python train.py --model bpe              # a BPE-token transformer (tokens.py)           -> OUT/bpe.pt
     python train.py --data tinyshakespeare --time-budget 300   # a small corpus under a budget: the small preset
@@ -42,7 +43,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from blt import BLT, BLTConfig, count_parameters, cpu_tiny, one_gpu  # noqa: E402
+from blt import LEARNED, BLTConfig, build_model, count_parameters, cpu_tiny, one_gpu  # noqa: E402
 from checkpoint import atomic_write_text, load_weights, output_folder, read_calibration  # noqa: E402
 from data import get_batch, load_corpus  # noqa: E402
 from evaluation import evaluate  # noqa: E402
@@ -113,6 +114,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     dtype: str = "bf16"  # autocast dtype for matmuls: bf16 | fp16 | fp32 (train.py: runtime.default_dtype without --dtype)
     seed: int = 0
+    # learned boundaries (learned.py): the outer stage (encoder, router, decoder) trains at lr x this, the global
+    # transformer at lr (H-Net's per-stage learning-rate multiplier; None: 1, one rate for all)
+    outer_lr_multiplier: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -139,10 +143,32 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if tc.outer_lr_multiplier is not None and hasattr(model, "outer_parameters"):
+        groups = outer_stage_groups(groups, model.outer_parameters(), tc.outer_lr_multiplier)
     # fused: one kernel for all parameters instead of a loop over them (on CPU too: 2.2 ms against 13.3 ms for
     # 4.1M parameters, measured on a 2-core machine)
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps,
-                             fused=device.type in ("cuda", "cpu"))
+    optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps,
+                                  fused=device.type in ("cuda", "cpu"))
+    if any("lr_scale" in g for g in groups):
+        optimizer.register_step_pre_hook(scale_learning_rates)
+    return optimizer
+
+
+def outer_stage_groups(groups: list[dict], outer, multiplier: float) -> list[dict]:
+    """Each group split in two, the outer stage's parameters with lr_scale = multiplier, the rest with 1."""
+    outer = {id(p) for p in outer}
+    split = []
+    for group in groups:
+        for scale, keep in ((1.0, lambda p: id(p) not in outer), (multiplier, lambda p: id(p) in outer)):
+            split.append({**group, "params": [p for p in group["params"] if keep(p)], "lr_scale": scale})
+    return split
+
+
+def scale_learning_rates(optimizer, args, kwargs):
+    """Optimizer step pre-hook: train_loop sets one lr for every group each step; a group's lr_scale (the outer
+    stage's multiplier) applies it here, just before the step."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
 
 
 class Task:
@@ -152,6 +178,11 @@ class Task:
     def __init__(self, kind: str, model: torch.nn.Module, config, tc: TrainConfig, device, compile_model: bool, tokens=None):
         self.kind, self.model, self.config, self.tc, self.device = kind, model.to(device), config, tc, device
         self.compile_model, self.forward, self.tokens = compile_model, self.model, tokens
+        # learned boundaries (learned.py): the model cuts its own bytes; the log gets its chunks and ratio loss
+        self.learned = kind == "blt" and config.patching == LEARNED
+        self.chunk_sums = [0.0, 0.0, 0.0, 0]  # bytes, chunks, ratio loss, forwards since the last log line
+        if self.learned and compile_model:
+            model.pad_chunks_to = 16  # few distinct chunk counts: few recompiles
 
     def prepare(self, backend: str = "inductor"):
         """After the weights are loaded: wrap for DDP (several processes), then compile."""
@@ -179,9 +210,22 @@ class Task:
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean next-byte (next-token) cross-entropy in nats of one (micro-)batch: x, y (B, T)."""
         x, y = to_device(x, self.device), to_device(y, self.device)
-        extra = {"patch_lengths": self.patch(x)} if self.kind == "blt" else {}
+        extra = {"patch_lengths": self.patch(x)} if self.kind == "blt" and not self.learned else {}
         with autocast(self.device, self.tc.dtype):
-            return self.forward(x, y, **extra)[1]
+            loss = self.forward(x, y, **extra)[1]
+        if self.learned:
+            s = self.model.stats
+            self.chunk_sums = [self.chunk_sums[0] + s["bytes"], self.chunk_sums[1] + s["chunks"],
+                               self.chunk_sums[2] + s["ratio_loss"], self.chunk_sums[3] + 1]
+        return loss
+
+    def chunk_log(self) -> dict:
+        """Learned boundaries: realised bytes per chunk and mean ratio loss since the last call (for the log)."""
+        if not self.learned:
+            return {}
+        n_bytes, chunks, ratio, n = DIST.sum([float(v) for v in self.chunk_sums])
+        self.chunk_sums = [0.0, 0.0, 0.0, 0]
+        return {"bytes_per_chunk": n_bytes / max(1.0, chunks), "ratio_loss": ratio / max(1.0, n)}
 
     def sync_gradients(self, now: bool):
         """DDP: all-reduce gradients only on the last micro-batch of a step."""
@@ -209,7 +253,7 @@ def train_loop(task: Task, corpus, run: Run, opts) -> dict:
     model.train()
     progress = run.progress(step)
     while progress < 1.0:
-        # --- solution: stage 8: one step: lr, batch, zero_grad, forward/backward, clip, AdamW step (paper §4) ---
+        # --- solution: lesson 8: one step: lr, batch, zero_grad, forward/backward, clip, AdamW step (paper §4) ---
         lr = lr_at(step, tc, progress, run.warmup_share(tc.warmup_steps))
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -229,7 +273,7 @@ def train_loop(task: Task, corpus, run: Run, opts) -> dict:
         step += 1
         progress = run.progress(step)  # the same on every process, which also agree on a pending Ctrl-C
         last = progress >= 1.0
-        run.log_train(step, loss_sum, lr, last)
+        run.log_train(step, loss_sum, lr, last, task.chunk_log)
         if step % opts.eval_interval == 0 and not last:
             run.evaluate(step, lambda n: task.evaluate(corpus.val, n), opts.eval_bytes)
             if step % opts.checkpoint_interval == 0:
@@ -264,10 +308,15 @@ def train_model(kind: str, name: str, config, make_model, tc: TrainConfig, steps
              opts.log_interval, opts.stop_at, resume, tokens.train_bytes_per_token if tokens else 1.0) as run:
         m = train_loop(task, corpus, run, opts)
     DIST.say(f"{name}: val {m['val_bpb']:.4f} bpb over {m['val_bytes']:,} bytes"
-             + (f" | avg patch {m['patch_size']:.2f} bytes" if "patch_size" in m else "")
+             + (f" | avg patch {m['patch_size']:.2f} bytes" if "patch_size" in m and not config_learned(config) else "")
+            + (f" | {m['patch_size']:.2f} bytes per chunk (learned)" if config_learned(config) else "")
              + (f" | {m['bytes_per_token']:.2f} bytes per token" if "bytes_per_token" in m else "")
              + f" | {m['train_flops_per_byte'] / 1e6:.1f} MFLOP/byte train | {m['steps']} steps in {m['stage_seconds']:.0f} s")
     return m
+
+
+def config_learned(config) -> bool:
+    return getattr(config, "patching", None) == LEARNED
 
 
 def calibrate(entropy_cfg: ByteLMConfig, blt_cfg: BLTConfig, tc: TrainConfig, corpus, out: Path, opts) -> float:
@@ -327,12 +376,15 @@ def run_stages(args, opts, corpus, out: Path, blt_cfg: BLTConfig, baseline_cfg, 
             entropy_weights = finished_entropy_model(out, entropy_cfg)["model"]
 
         def make_blt():
-            model = BLT(blt_cfg)
+            model = build_model(blt_cfg)  # BLT, or learned.LearnedBLT
             if entropy_weights is not None:
                 load_weights(model.entropy_model, entropy_weights, out / "entropy.pt")
             return model
+        describe = (f"BLT with {blt_cfg.patching} patching (patch size {blt_cfg.patch_size:g})"
+                    if blt_cfg.patching != LEARNED else f"BLT with learned boundaries (H-Net's dynamic chunking, "
+                    f"target {blt_cfg.patch_size:g} bytes per chunk)")
         train_model("blt", f"blt_{blt_cfg.patching}", blt_cfg, make_blt, tc, opts.steps, corpus, out, budget_left(),
-                    opts, f"BLT with {blt_cfg.patching} patching (patch size {blt_cfg.patch_size:g})")
+                    opts, describe)
     if "byte" in stages:
         train_model("byte", "byte", baseline_cfg, baseline_cfg.build, tc, opts.steps, corpus, out, budget_left(), opts,
                     "plain byte-level transformer (no patches)")
@@ -369,8 +421,11 @@ def settings(args, preset_name: str, device: torch.device):
     dtype = args.dtype or default_dtype(device)  # bf16 only where it is native: emulated it is many times slower
     check_dtype(dtype, device)
     flags = dict(seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-                 weight_decay=args.weight_decay, dtype=dtype)
+                 weight_decay=args.weight_decay, dtype=dtype, outer_lr_multiplier=args.outer_lr_multiplier)
     tc = TrainConfig(**{**preset["train"], **{k: v for k, v in flags.items() if v is not None}, "seed": args.seed})
+    if tc.outer_lr_multiplier is not None and (args.model != "blt" or blt_cfg.patching != LEARNED):
+        raise UsageError(f"--outer-lr-multiplier scales the outer stage of learned boundaries: it needs --patching "
+                         f"learned, not {blt_cfg.patching if args.model == 'blt' else '--model ' + args.model}")
     flags = dict(lr=args.entropy_lr, seq_len=args.entropy_seq_len, dtype=dtype)
     entropy_tc = TrainConfig(**{**preset["entropy_train"], **{k: v for k, v in flags.items() if v is not None},
                                 "seed": args.seed})

@@ -1,7 +1,7 @@
 """The decoder's one-patch shift and its cross-attention mask (paper §3.3). Byte i predicts byte i+1, so it may
-read only global outputs of patches that are complete at i. Every test here grades course stage 6
-(exercises.md, `python -m pytest -m stage6`) and uses the decoder alone; the causality test of the whole model,
-also stage 6, is in tests/test_model.py."""
+read only global outputs of patches that are complete at i. Every test here grades lesson 6
+(exercises.md, `python -m pytest -m lesson6`) and uses the decoder alone; the causality test of the whole model,
+also lesson 6, is in tests/test_model.py."""
 import pytest
 import torch
 
@@ -10,7 +10,7 @@ from decoder import LocalDecoder, decoder_patch_ids
 from layers import mask_from_pairs
 from patching import patch_ids_from_lengths
 
-pytestmark = pytest.mark.stage6
+pytestmark = pytest.mark.lesson6
 
 
 def complete_patch_reference(lengths: list[int], seq_len: int) -> list[int]:

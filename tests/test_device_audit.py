@@ -9,6 +9,7 @@ memory, never hand a host generator device tensors, and wait for the device only
     generation       per byte: the sampled ids (EOS; streaming is the caller's), and the patch decision (entropy
                      patching: one; the other rules: patching.py's rule and its rows, two) or, naive, the patch
                      count; a BPE model one per token (the bytes spelled so far)
+    learned boundaries one per forward (the chunk count); generating, two per step for the boundary decision
 """
 import numpy as np
 import pytest
@@ -153,3 +154,23 @@ def test_byte_and_bpe_generation_keep_to_the_device(naive):
         ids, _ = generate_tokens(task.model, b"The", 16, batch_size=2, temperature=1.0, seed=1, naive=naive)
     assert not audit.report(), audit.report()
     assert audit.sync_count() <= ids.shape[1], dict(audit.syncs)  # once per token (and the prompt's encoding)
+
+
+@pytest.mark.parametrize("naive", [False, True])
+def test_learned_boundaries_keep_to_the_device(naive):
+    """BLT with learned boundaries (learned.py): a forward and backward, and generation. Its chunk count is one
+    sync per forward; its incremental step decides a boundary with two per byte."""
+    from test_learned import make_model
+    model = make_model()
+    x = torch.randint(4, 260, (2, 32), generator=torch.Generator().manual_seed(0))
+    with DeviceAudit(model) as audit:
+        audit.mark(x)  # a batch train.py has moved to the device
+        model.train()
+        model(x, x)[1].backward()
+    assert not audit.report(), audit.report()
+    assert audit.sync_count() == 1, dict(audit.syncs)
+    never_sampled.cache_clear()
+    with DeviceAudit(model) as audit:
+        generate(model, b"The", 16, batch_size=2, temperature=1.0, seed=1, naive=naive, stop_at_eos=False)
+    assert not audit.report(), audit.report()
+    assert audit.sync_count() <= 16 + (16 if naive else 2 * (4 + 16)), dict(audit.syncs)

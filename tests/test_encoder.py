@@ -1,18 +1,19 @@
 """The local encoder: hash n-gram embeddings (paper §3.2.1, eqs. 5-6), against a Python big-integer reference
 of the released hash, and the pooling and patch cross-attention (§3.2.2), against a naive loop that treats one
-patch at a time. The tests marked stage3 grade course stage 3 (exercises.md, `python -m pytest -m stage3`):
-the encoder is only built, its layers and cross-attention are not run. Those marked stage4 grade stage 4:
-the byte states are random, so they need neither the embedding (stage 3) nor the encoder's layers, except
+patch at a time. The tests marked lesson3 grade lesson 3 (exercises.md, `python -m pytest -m lesson3`):
+the encoder is only built, its layers and cross-attention are not run. Those marked lesson4 grade lesson 4:
+the byte states are random, so they need neither the embedding (lesson 3) nor the encoder's layers, except
 test_forward_shapes, which runs the whole encoder."""
 import pytest
 import torch
 
 from blt import cpu_tiny
+from compare import assert_close
 from encoder import HASH_PRIMES, LocalEncoder, hash_ngram_ids
 from patching import patch_ids_from_lengths
 
 
-# ---- stage 3: hash n-gram ids and embeddings ----
+# ---- lesson 3: hash n-gram ids and embeddings ----
 
 def reference_hash(window: list[int], prime: int, buckets: int) -> int:
     """sum_m window[m] * prime^m (oldest id times prime^0), wrapped to signed int64, then a non-negative
@@ -27,7 +28,7 @@ def reference_ids(row: list[int], n: int, prime: int, buckets: int) -> list[int]
     return [reference_hash(padded[i:i + n], prime, buckets) for i in range(len(row))]
 
 
-@pytest.mark.stage3
+@pytest.mark.lesson3
 def test_hand_computed_values():
     # ids [1, 5, 6], n = 3, 1000 buckets, prime P = 1000000007. Windows (0, 0, 1), (0, 1, 5), (1, 5, 6):
     #   1 * P^2              = 1000000014000000049 -> 49
@@ -37,7 +38,7 @@ def test_hand_computed_values():
     assert ids.dtype == torch.int64 and ids.tolist() == [[49, 252, 330]]
 
 
-@pytest.mark.stage3
+@pytest.mark.lesson3
 def test_matches_reference_for_every_size_and_prime():
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 260, (2, 30), generator=g)
@@ -50,7 +51,7 @@ def test_matches_reference_for_every_size_and_prime():
                     assert got[b].tolist() == reference_ids(tokens[b].tolist(), n, HASH_PRIMES[f], buckets), (f, n)
 
 
-@pytest.mark.stage3
+@pytest.mark.lesson3
 def test_int64_wrap_around():
     # at n = 8 with large ids the exact sum exceeds 2^63: the released hash wraps, and so must ours
     window = [259] * 8
@@ -62,7 +63,7 @@ def test_int64_wrap_around():
     assert ((ids >= 0) & (ids < 500002)).all()  # non-negative even when the wrapped sum is negative
 
 
-@pytest.mark.stage3
+@pytest.mark.lesson3
 def test_embedding_is_byte_plus_every_table():
     """e_i = x_i + sum over (hash function, n) of E_{f,n}[hash id], one table per (f, n) in that order (f
     outer). Released convention: no division by the number of terms (paper eq. 6 divides)."""
@@ -85,10 +86,10 @@ def test_embedding_is_byte_plus_every_table():
                     ids = reference_ids(row, n, HASH_PRIMES[f], 64)
                     want += enc.hash_embeddings[t].weight[ids]
                     t += 1
-            assert torch.allclose(got[b], want, atol=1e-5)
+            assert_close(got[b], want, atol=1e-5, what=f"embedding of row {b}")
 
 
-@pytest.mark.stage3
+@pytest.mark.lesson3
 def test_embedding_without_hashes_is_the_byte_embedding():
     enc = LocalEncoder(cpu_tiny(local_dim=16, local_heads=2, hash_ngram_sizes=(), multiple_of=16))
     tokens = torch.randint(4, 260, (1, 9))
@@ -96,7 +97,7 @@ def test_embedding_without_hashes_is_the_byte_embedding():
         assert torch.equal(enc.embed(tokens), enc.tok_embeddings(tokens))
 
 
-# ---- stage 4: pooling and patch cross-attention ----
+# ---- lesson 4: pooling and patch cross-attention ----
 
 D, K = 16, 2
 
@@ -127,7 +128,7 @@ def naive_pool(enc: LocalEncoder, h: torch.Tensor, lengths: list[int]) -> torch.
     return torch.stack(out)
 
 
-@pytest.mark.stage4
+@pytest.mark.lesson4
 @torch.no_grad()
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_pool_matches_one_patch_at_a_time(k):
@@ -136,10 +137,10 @@ def test_pool_matches_one_patch_at_a_time(k):
     lengths = [1, 4, 5, 3]  # 13 = 12 bytes + the next-byte slot; the last patch holds bytes 10, 11 and the slot
     got = enc.pool(h, patch_ids_from_lengths(torch.tensor([lengths]), 12), len(lengths))
     assert got.shape == (1, 4, k * D)
-    assert torch.allclose(got[0], naive_pool(enc, h[0], lengths), atol=1e-5)
+    assert_close(got[0], naive_pool(enc, h[0], lengths), atol=1e-5, what="pooled patches (patch, k*D)")
 
 
-@pytest.mark.stage4
+@pytest.mark.lesson4
 @torch.no_grad()
 def test_ragged_batch_and_empty_patches():
     enc = make_encoder()
@@ -148,11 +149,11 @@ def test_ragged_batch_and_empty_patches():
     got = enc.pool(h, patch_ids_from_lengths(lengths, 10), 6)
     assert torch.isfinite(got).all()  # a patch with no byte attends to nothing: zeros, not NaN
     for b in range(2):
-        assert torch.allclose(got[b], naive_pool(enc, h[b], lengths[b].tolist()), atol=1e-5)
+        assert_close(got[b], naive_pool(enc, h[b], lengths[b].tolist()), atol=1e-5, what=f"pooled patches of row {b}")
     assert torch.all(got[1, 3:] == 0)
 
 
-@pytest.mark.stage4
+@pytest.mark.lesson4
 @torch.no_grad()
 def test_each_patch_reads_only_its_own_bytes():
     enc = make_encoder()
@@ -167,7 +168,7 @@ def test_each_patch_reads_only_its_own_bytes():
         assert changed.nonzero().flatten().tolist() == [ids[0, t].item()], f"byte {t}"
 
 
-@pytest.mark.stage4
+@pytest.mark.lesson4
 @torch.no_grad()
 def test_forward_shapes():
     """The whole encoder: byte states (B, T, D) and one vector of k slots per patch (B, P, k*D)."""
@@ -175,4 +176,4 @@ def test_forward_shapes():
     lengths = torch.tensor([[1, 4, 5, 3]])  # 13 = 12 bytes + the next-byte slot
     h, patches = enc(torch.randint(4, 260, (1, 12)), lengths)
     assert h.shape == (1, 12, D) and patches.shape == (1, 4, K * D)
-    assert torch.allclose(patches, enc.pool(h, patch_ids_from_lengths(lengths, 12), 4))
+    assert_close(patches, enc.pool(h, patch_ids_from_lengths(lengths, 12), 4), atol=1e-8, what="forward's patches")

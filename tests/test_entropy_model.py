@@ -1,5 +1,5 @@
 """The entropy model (paper §2.3): next-byte entropies (eq. 3) and its causal sliding-window mask. Every test
-here grades course stage 1 (exercises.md, `python -m pytest -m stage1`) and uses nothing from later stages."""
+here grades lesson 1 (exercises.md, `python -m pytest -m lesson1`) and uses nothing from later lessons."""
 import math
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 
 from entropy_model import EntropyModel, entropy_from_logits
 
-pytestmark = pytest.mark.stage1
+pytestmark = pytest.mark.lesson1
 
 
 def naive_entropy(logits: list[float]) -> float:
@@ -46,6 +46,20 @@ def test_entropy_matches_naive_on_batches():
     assert torch.allclose(entropy_from_logits(logits + 1000.0), H, atol=1e-3)
     # entropies are compared with a threshold: compute them in float32 even for bf16 logits
     assert entropy_from_logits(logits.bfloat16()).dtype == torch.float32
+
+
+def test_bf16_logits_give_the_float32_entropies_of_the_same_logits():
+    """bf16 logits (autocast) are upcast first: computing softmax and the sum in bf16 and casting the result
+    to float32 at the end is off by up to ~0.02 nats, enough to move a patch boundary at the threshold."""
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(4, 16, 260, generator=g) * 2).bfloat16()
+    got = entropy_from_logits(logits)
+    logp = torch.log_softmax(logits.double(), dim=-1)  # the same numbers, in float64
+    want = -(logp.exp() * logp).sum(-1)
+    worst = (got.double() - want).abs().max().item()
+    assert got.dtype == torch.float32 and worst <= 1e-5, (
+        f"entropies of bf16 logits differ from float32 by up to {worst:.3g} nats: upcast the logits before "
+        "the softmax, not the entropy after it")
 
 
 def tiny_entropy_model(window=None, layers=2) -> EntropyModel:

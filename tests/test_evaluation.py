@@ -1,6 +1,6 @@
 """Held-out bits per byte (paper §4): the summed next-byte cross-entropy in nats / (ln 2 * bytes), over every
-byte of the validation split once. Every test here grades course stage 7 (exercises.md,
-`python -m pytest -m stage7`); the model is a byte-level transformer (stage 1), and nothing is trained."""
+byte of the validation split once. Every test here grades lesson 7 (exercises.md,
+`python -m pytest -m lesson7`); the model is a byte-level transformer (lesson 1), and nothing is trained."""
 import math
 
 import numpy as np
@@ -11,7 +11,7 @@ from blt import bits_per_byte
 from entropy_model import ByteLMConfig
 from evaluation import evaluate
 
-pytestmark = pytest.mark.stage7
+pytestmark = pytest.mark.lesson7
 
 
 def test_bits_per_byte_hand_values():

@@ -1,14 +1,15 @@
 """The global latent transformer is causal over patches (paper §3.1): o_j depends on patches 0..j, all of them,
-and on nothing later. Every test here grades course stage 5 (exercises.md, `python -m pytest -m stage5`); the
-patch representations are random, so the encoder (stages 3-4) is not needed."""
+and on nothing later. Every test here grades lesson 5 (exercises.md, `python -m pytest -m lesson5`); the
+patch representations are random, so the encoder (lessons 3-4) is not needed."""
 import pytest
 import torch
 
 from blt import cpu_tiny
+from compare import assert_close
 from global_transformer import GlobalTransformer
 from layers import KVCache
 
-pytestmark = pytest.mark.stage5
+pytestmark = pytest.mark.lesson5
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def test_output_of_a_prefix_is_the_prefix_of_the_output(model, patches):
     out = model(patches)
     assert out.shape == (2, 10, 48)
     for j in range(10):
-        assert torch.allclose(model(patches[:, :j + 1]), out[:, :j + 1], atol=1e-5), f"patch {j}"
+        assert_close(model(patches[:, :j + 1]), out[:, :j + 1], what=f"outputs from the first {j + 1} patches")
 
 
 @torch.no_grad()
@@ -60,4 +61,4 @@ def test_one_patch_at_a_time_with_caches(model, patches):
     out = model(patches)
     caches = [KVCache(None) for _ in model.layers]
     steps = [model(patches[:, j:j + 1], caches, start=j) for j in range(10)]
-    assert torch.allclose(torch.cat(steps, dim=1), out, atol=1e-5)
+    assert_close(torch.cat(steps, dim=1), out, what="outputs one patch at a time with caches")

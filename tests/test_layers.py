@@ -1,6 +1,7 @@
 """Shared blocks checked against naive references."""
 import math
 
+import pytest
 import torch
 
 from layers import KVCache, TransformerBlock, apply_rope, attend, causal_mask, rope_cos_sin
@@ -61,3 +62,11 @@ def test_kv_cache_with_sliding_window_matches_full_forward():
     assert torch.allclose(torch.cat(chunks, 1), full, atol=1e-5)
     assert cache.k.shape[2] <= 5  # only the window is kept
 
+
+def test_a_missing_mask_is_named():
+    """mask=None without a cache (a forgotten mask) is refused with a message about the mask, not an error
+    from deep inside the attention."""
+    block = TransformerBlock(16, 2, 32)
+    cos, sin = rope_cos_sin(torch.arange(5), 8, 10000.0)
+    with pytest.raises(ValueError, match="needs a mask"):
+        block(torch.randn(1, 5, 16), None, cos, sin)

@@ -1,6 +1,6 @@
 """Invariants of the whole model: causality for every patching scheme, padding, memorisation, bf16. The tests
-marked stage6 grade course stage 6 (exercises.md, `python -m pytest -m stage6`), with the decoder's tests in
-tests/test_decoder.py: they run the whole model, so they need stages 1-6."""
+marked lesson6 grade lesson 6 (exercises.md, `python -m pytest -m lesson6`), with the decoder's tests in
+tests/test_decoder.py: they run the whole model, so they need lessons 1-6."""
 import pytest
 import torch
 
@@ -51,7 +51,7 @@ def tokens():
     return torch.tensor([tokenize(TEXT.encode())[:72]])
 
 
-@pytest.mark.stage6
+@pytest.mark.lesson6
 @pytest.mark.parametrize("scheme", SCHEMES)
 @torch.no_grad()
 def test_causality(scheme, tokens):
@@ -61,7 +61,7 @@ def test_causality(scheme, tokens):
     assert causality_leak(model, tokens) <= 1e-5
 
 
-@pytest.mark.stage6
+@pytest.mark.lesson6
 @pytest.mark.parametrize("scheme", SCHEMES)
 @torch.no_grad()
 def test_causality_fails_without_decoder_shift(scheme, tokens, monkeypatch):
@@ -72,7 +72,7 @@ def test_causality_fails_without_decoder_shift(scheme, tokens, monkeypatch):
     assert causality_leak(model, tokens) > 1e-3
 
 
-@pytest.mark.stage6
+@pytest.mark.lesson6
 @torch.no_grad()
 def test_perturbation_reaches_later_positions(tokens):
     model = make_model("entropy")
@@ -82,7 +82,7 @@ def test_perturbation_reaches_later_positions(tokens):
     assert diff[30:].max() > 1e-3  # the byte matters to its own and later predictions
 
 
-@pytest.mark.stage6
+@pytest.mark.lesson6
 @torch.no_grad()
 def test_padded_rows_do_not_change_other_rows():
     model = make_model("strided")
@@ -98,7 +98,7 @@ def test_padded_rows_do_not_change_other_rows():
     assert torch.allclose(batch[1], alone1[0], atol=1e-5)
 
 
-@pytest.mark.stage6
+@pytest.mark.lesson6
 @torch.no_grad()
 def test_rows_with_different_patch_counts_from_patcher():
     model = make_model("space")

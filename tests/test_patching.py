@@ -1,7 +1,7 @@
 """Patching (paper §2): the space rule (§2.2), the global and monotonic entropy rules (§2.3, eq. 4), the
 maximum patch length, patch lengths from starts, calibration, and incrementality (§2.4) for every scheme.
-Hand-computed examples and a naive per-byte reference. The tests marked stage2 grade course stage 2
-(exercises.md, `python -m pytest -m stage2`); the entropies here are made up, so nothing from stage 1 or later
+Hand-computed examples and a naive per-byte reference. The tests marked lesson2 grade lesson 2
+(exercises.md, `python -m pytest -m lesson2`); the entropies here are made up, so nothing from lesson 1 or later
 is needed. The unmarked ones check code that the course gives (is_space_like, patch_ids_from_lengths)."""
 import random
 
@@ -70,7 +70,7 @@ def space_patches(text: str) -> list[bytes]:
 
 # ---- hand-computed examples ----
 
-@pytest.mark.stage2
+@pytest.mark.lesson2
 def test_worked_example_global_rule():
     # README "conventions": positions 0, 1 always start; H[3] = 2 > 1 starts position 4; H[7] = 2 > 1 starts
     # position 8, the next-byte slot.
@@ -81,7 +81,7 @@ def test_worked_example_global_rule():
     assert lengths_from_starts(starts).tolist() == [[1, 3, 4, 1]]
 
 
-@pytest.mark.stage2
+@pytest.mark.lesson2
 def test_global_and_monotonic_rules_differ():
     H = torch.tensor([[3.0, .1, 2.5, 2.6, .1, .1, .1, 2.0]])
     # global: H[0], H[2], H[3], H[7] > 1 -> positions 1, 3, 4, 8
@@ -90,7 +90,7 @@ def test_global_and_monotonic_rules_differ():
     assert entropy_patch_starts(H, 1.0, monotonic=True).long().tolist() == [[1, 1, 0, 1, 0, 0, 0, 0, 1]]
 
 
-@pytest.mark.stage2
+@pytest.mark.lesson2
 def test_monotonic_rule():
     # byte j+1 starts a patch when H[j] - H[j-1] > theta
     H = torch.tensor([[5.0, 4.0, 3.0, 3.5, 1.0, 0.5, 2.0, 1.9]])
@@ -100,13 +100,26 @@ def test_monotonic_rule():
     assert lengths_from_starts(starts).tolist() == [[1, 3, 3, 2]]
 
 
-@pytest.mark.stage2
+@pytest.mark.lesson2
+def test_an_entropy_equal_to_the_threshold_starts_nothing():
+    """Both rules compare strictly (eq. 4: H > θ): an entropy, or a rise, exactly equal to θ starts no patch.
+    The values are exact in float32, so equality here is exact."""
+    H = torch.tensor([[1.0, .5, 1.0, 1.5, .25, 1.25, 2.25]])
+    # global, θ = 1: H[3], H[5], H[6] exceed it; H[0] = H[2] = 1.0 are equal -> positions 4, 6, 7
+    assert entropy_patch_starts(H, 1.0).long().tolist() == [[1, 1, 0, 0, 1, 0, 1, 1]], \
+        "an entropy equal to the threshold must not start a patch (H > θ, not H >= θ)"
+    # monotonic, θ = 1: rises -.5, .5, .5, -1.25, 1.0 (equal), 1.0 (equal): none exceeds θ
+    assert entropy_patch_starts(H, 1.0, monotonic=True).long().tolist() == [[1, 1, 0, 0, 0, 0, 0, 0]], \
+        "a rise equal to the threshold must not start a patch (H[j] - H[j-1] > θ, not >=)"
+
+
+@pytest.mark.lesson2
 def test_global_rule_forces_bos_and_first_byte():
     H = torch.zeros(1, 6)  # nothing above threshold
     assert lengths_from_starts(entropy_patch_starts(H, 1.0)).tolist() == [[1, 6]]
 
 
-@pytest.mark.stage2
+@pytest.mark.lesson2
 def test_space_patching_example():
     #      B  H  i  _  t  h  e  r  e  ,  _  y  o  u  .  slot
     #      0  1  2  3  4  5  6  7  8  9 10 11 12 13 14  15
@@ -118,7 +131,7 @@ def test_space_patching_example():
     assert lengths_from_starts(starts).tolist() == [[1, 3, 6, 5, 1]]  # [BOS] "Hi " "there," " you." [slot]
 
 
-@pytest.mark.stage2
+@pytest.mark.lesson2
 def test_space_patching_utf8():
     # "é" = c3 a9: the lead byte c3 is space-like, the continuation byte a9 is not
     # B  c  a  f  c3 a9 _  _  o  k  slot
@@ -133,7 +146,7 @@ def test_space_patching_utf8():
     assert patches == [b"na\xc3", b"\xafve ", b"caf\xc3", b"\xa9 ", b"\xe2\x80\x94 ", b"\xe6\x9d\xb1\xe4", b"\xba\xac"]
 
 
-@pytest.mark.stage2
+@pytest.mark.lesson2
 def test_space_patching_runs_of_spaces_punctuation_digits():
     assert space_patches("a   b") == [b"a ", b"  b"]
     assert space_patches("wait...!? ok") == [b"wait.", b"..!? ok"]
@@ -153,7 +166,7 @@ def test_space_like_definition():
         assert space[b] == expected, b
 
 
-@pytest.mark.stage2
+@pytest.mark.lesson2
 def test_max_patch_length():
     starts = torch.tensor([[1, 1, 0, 0, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
     assert lengths_from_starts(limit_patch_length(starts, 3)).tolist() == [[1, 3, 3, 3]]
@@ -172,7 +185,7 @@ def test_max_patch_length():
     assert lengths_from_starts(starts).tolist() == [[1, 3, 2, 3, 3, 1]]
 
 
-@pytest.mark.stage2
+@pytest.mark.lesson2
 def test_lengths_are_right_padded_per_row():
     starts = torch.tensor([[1, 1, 0, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     lengths = lengths_from_starts(starts)
@@ -188,7 +201,7 @@ def test_patch_ids_from_lengths():
     assert patch_ids_from_lengths(L, 8).tolist() == [[0, 1, 1, 1, 2, 2, 2, 2], [0, 1, 1, 1, 1, 1, 1, 1]]
 
 
-@pytest.mark.stage2
+@pytest.mark.lesson2
 @pytest.mark.parametrize("target", [2.0, 3.5, 6.0])
 @pytest.mark.parametrize("monotonic", [False, True])
 def test_calibration_hits_target(target, monotonic):
@@ -210,7 +223,7 @@ def random_rows(seed: int, rows: int = 3, T: int = 40):
     return tokens, H
 
 
-@pytest.mark.stage2
+@pytest.mark.lesson2
 @pytest.mark.parametrize("seed", range(4))
 def test_rules_match_naive_reference(seed):
     tokens, H = random_rows(seed)
@@ -230,7 +243,7 @@ def test_rules_match_naive_reference(seed):
                     assert all(n == 0 for n in row[len(naive_lengths(w)):])  # right padding
 
 
-@pytest.mark.stage2
+@pytest.mark.lesson2
 @pytest.mark.parametrize("seed", range(2))
 def test_incremental(seed):
     """f(x_<i) = f(x)_<i (paper §2.4): patching a prefix gives the prefix of the patching."""

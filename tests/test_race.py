@@ -95,6 +95,12 @@ def test_race_runs_each_plain_command_reuses_finished_runs_and_publishes_only_wh
     assert body.startswith(f"intro\n{start}\n`python tools/race.py") and body.endswith(f"{end}\nrest\n")
     assert "old table" not in body and all(line in body for line in table)
     assert pages[1].read_text() == "no markers here\n" and "no <!-- race" in captured.err
+    # A table it cannot write ends in one line naming the path.
+    (out / "race.md").unlink()
+    (out / "race.md").mkdir()
+    with pytest.raises(SystemExit) as e:
+        race.main(argv)
+    assert str(e.value).startswith(f"error: cannot write {out / 'race.md'}")
 
 
 def test_race_refuses_unknown_runs_and_bad_budgets(capsys):

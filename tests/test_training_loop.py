@@ -1,21 +1,24 @@
 """The training loop (paper §4, the recipe): train.py's train_loop against the recipe written out plainly here,
 and a tiny end-to-end run (entropy model -> threshold -> BLT with entropy patching -> held-out bits per byte)
-through train.py as a user runs it. Every test here grades course stage 8 (exercises.md,
-`python -m pytest -m stage8`); they need stages 1-7."""
+through train.py as a user runs it. Every test here grades lesson 8 (exercises.md,
+`python -m pytest -m lesson8`); they need lessons 1-7."""
 import json
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
 
+import runtime
+import tokens
 import train
 from checkpoint import read_checkpoint
 from data import get_batch, load_corpus
 from entropy_model import ByteLMConfig
 from train import TrainConfig, lr_at
 
-pytestmark = pytest.mark.stage8
+pytestmark = pytest.mark.lesson8
 
 CORPUS = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog, {i * 7 % 13} times.\n" for i in range(300))
 
@@ -92,6 +95,71 @@ def test_train_loop_follows_the_recipe(corpus_file, tmp_path, monkeypatch):
     assert weights.keys() == ckpt["model"].keys()
     for name, want in weights.items():
         torch.testing.assert_close(ckpt["model"][name], want, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+# ---- the batch of each step, and gradient averaging under DDP ----
+
+class RecordingDDP(torch.nn.Module):
+    """A stand-in for DistributedDataParallel in one process, for the one rule of DDP the loop must follow:
+    DDP decides during the forward whether the next backward averages gradients across processes, and
+    `no_sync()` turns that off. It records, for every forward, its input and whether it would average."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module, self.averaging, self.forwards = module, True, []
+
+    @contextmanager
+    def no_sync(self):
+        self.averaging = False
+        try:
+            yield
+        finally:
+            self.averaging = True
+
+    def forward(self, x, *args, **kwargs):
+        self.forwards.append((x.detach().clone(), self.averaging))
+        return self.module(x, *args, **kwargs)
+
+
+def test_micro_batches_come_from_the_task_batch_and_only_the_last_forward_averages(corpus_file, tmp_path,
+                                                                                     monkeypatch):
+    """The BPE baseline, 2 steps of 2 micro-batches, under the DDP stand-in above (one process, so one
+    stand-in for torchrun's two). Each step's micro-batches are the rows of task.batch(corpus.train, step):
+    token windows for this model, where data.get_batch would give byte windows. The forwards of all micro-batches
+    but the last run inside task.sync_gradients(now=False), that is under no_sync: a forward outside it
+    would average gradients on every micro-batch, whatever the backward does."""
+    monkeypatch.setattr(tokens, "TOKENIZER_DIR", tmp_path / "tokenizers")
+    wrappers, batches = [], []
+    monkeypatch.setattr(runtime.DIST, "wrap", lambda model: wrappers.append(RecordingDDP(model)) or wrappers[-1])
+    monkeypatch.setattr(runtime.DIST, "no_sync", lambda ddp, now: nullcontext() if now else ddp.no_sync())
+    task_batch = train.Task.batch
+
+    def batch(task, split, step):
+        x, y = task_batch(task, split, step)
+        batches.append((step, x.clone()))
+        return x, y
+    monkeypatch.setattr(train.Task, "batch", batch)
+    code = train.main(["--data", str(corpus_file), "--out", str(tmp_path / "out"), "--model", "bpe",
+                       "--vocab-size", "300", "--steps", "2", "--micro-batch-size", "2", "--preset", "cpu",
+                       "--device", "cpu",
+                       "--dtype", "fp32", "--seq-len", "32", "--batch-size", "4", "--log-interval", "1",
+                       "--eval-interval", "1000", "--final-eval-bytes", "256",
+                       "--config", "dim=32", "--config", "heads=2", "--config", "multiple_of=16"])
+    assert [step for step, _ in batches] == [0, 1], "call task.batch(corpus.train, step) once per step"
+    [ddp] = wrappers
+    assert len(ddp.forwards) == 4, f"{len(ddp.forwards)} forwards in 2 steps of 2 micro-batches"
+    for i, (x, averaging) in enumerate(ddp.forwards):
+        step, part = divmod(i, 2)
+        want = batches[step][1][2 * part:2 * part + 2]
+        assert x.shape == want.shape and torch.equal(x, want), (
+            f"step {step}, micro-batch {part} is not rows {2 * part}..{2 * part + 1} of task.batch(corpus.train, "
+            f"step): the loop must train on the task's batch (the BPE baseline reads token windows, not bytes)")
+        last = part == 1
+        assert averaging == last, (
+            f"step {step}, micro-batch {part}: the forward ran {'under' if averaging is False else 'outside'} "
+            f"no_sync; run forward and backward inside task.sync_gradients(now=...), now true for the last "
+            f"micro-batch only")
+    assert code == 0
 
 
 # ---- the whole pipeline learns ----

@@ -13,6 +13,8 @@ that its training FLOPs per byte match the BLT's (matched compute). The models:
   entropy     BLT, entropy patching with a global threshold (calibrated to --patch-size)
   monotonic   BLT, entropy patching with the approximate monotonic rule (calibrated the same way)
   no-hash     BLT, entropy patching without hash n-gram embeddings
+  learned     boundaries learned end to end (H-Net's dynamic chunking, learned.py), target --patch-size bytes
+              per chunk: the same encoder, global transformer and decoder layers, no entropy model
 The key comparison (entropy vs strided) runs with two seeds.
 
 Outputs: OUT/results.md (the results table) and the figures (patching schemes, entropy, patch-size
@@ -37,7 +39,7 @@ import torch
 
 from checkpoint import read_checkpoint  # noqa: E402
 from entropy_model import ByteLMConfig  # noqa: E402
-from blt import BLT, BLTConfig, byte_transformer_flops_per_byte, count_parameters, flops_per_byte
+from blt import BLTConfig, build_model, byte_transformer_flops_per_byte, count_parameters, flops_per_byte
 from plots import plot_bpb_vs_flops  # noqa: E402
 from runtime import FolderLock, UsageError  # noqa: E402
 
@@ -71,7 +73,7 @@ def parameters(kind: str, config: dict) -> tuple[int, int]:
     """(parameters without hash tables or the entropy model, hash-table parameters)."""
     if kind == "blt":
         with torch.device("meta"):
-            counts = count_parameters(BLT(BLTConfig.from_dict(config)))
+            counts = count_parameters(build_model(BLTConfig.from_dict(config)))
         return counts["encoder"] + counts["global_transformer"] + counts["decoder"], counts["hash_embeddings"]
     with torch.device("meta"):
         model = ByteLMConfig(**config).build()
@@ -151,6 +153,7 @@ def run_all(args, s: dict, out: Path, readme: bool):
     k = max(1, round(entropy_run["metrics"]["patch_size"]))
     run(seed0, "--stage", "blt", "--patching", "strided", "--patch-size", str(k))
     run(seed0, "--stage", "blt", "--patching", "space")
+    run(seed0, "--stage", "blt", "--patching", "learned", *size)
     blt_cfg = BLTConfig.from_dict(entropy_run["config"])
     dim = matched_byte_dim(blt_cfg, entropy_run["metrics"]["patch_size"], s["seq_len"], s["byte_layers"])
     run(seed0, "--model", "byte", "--config", f"dim={dim}", "--config", f"layers={s['byte_layers']}",
@@ -173,6 +176,7 @@ def run_all(args, s: dict, out: Path, readme: bool):
         "BLT entropy, global threshold": (seed0 / "blt_entropy.pt", seed1 / "blt_entropy.pt"),
         "BLT entropy, monotonic rule": (seed0 / "blt_monotonic.pt", None),
         "BLT entropy, no hash n-grams": (nohash / "blt_entropy.pt", None),
+        "BLT learned boundaries (H-Net)": (seed0 / "blt_learned.pt", None),
     }
     rows, curves = [], {}
     for name, (path, path_seed1) in runs.items():
@@ -205,7 +209,8 @@ def run_all(args, s: dict, out: Path, readme: bool):
     before = {n: (figures / n).stat().st_mtime_ns if (figures / n).exists() else None for n in names}
     plot_bpb_vs_flops(curves, figures / "bpb_vs_flops.png")
     subprocess.run([sys.executable, str(ROOT / "tools" / "figures.py"), "--checkpoint", str(seed0 / "blt_entropy.pt"),
-                    "--data", args.data, "--out", str(figures)], check=True, cwd=ROOT)
+                    "--data", args.data, "--out", str(figures), "--learned-checkpoint", str(seed0 / "blt_learned.pt")],
+                   check=True, cwd=ROOT)
     written = [figures / n for n in names if (figures / n).exists() and (figures / n).stat().st_mtime_ns != before[n]]
     if readme:
         path = ROOT / "README.md"

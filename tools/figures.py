@@ -1,10 +1,14 @@
 """Pictures of patching (paper section 2, figures 3 and 4), drawn from a trained BLT checkpoint.
 
     python tools/figures.py --checkpoint out/shakespeare-cpu/blt_entropy.pt --data shakespeare --out figures
+    python tools/figures.py --checkpoint out/shakespeare-cpu/blt_entropy.pt \
+        --learned-checkpoint out/shakespeare-cpu/blt_learned.pt --out figures    # with learned boundaries
 
 writes
   patching_schemes.png  one sentence under the four schemes, bytes coloured by patch (paper figure 3):
-                        strided, space, entropy with a global threshold, entropy with the monotonic rule
+                        strided, space, entropy with a global threshold, entropy with the monotonic rule;
+                        and, given --learned-checkpoint (train.py --patching learned), the boundaries that
+                        model learned (H-Net's dynamic chunking, learned.py) on the same sentence
   entropy.png           per-byte entropy of the sentence, the global threshold and the patch starts
                         (paper figure 4)
   patch_sizes.png       patch-size histograms per scheme on the validation split (with --data)
@@ -23,7 +27,7 @@ sys.path.insert(0, str(ROOT))  # run from anywhere: the paper modules live at th
 
 import torch
 
-from checkpoint import CheckpointError  # noqa: E402
+from checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from plots import draw_histograms, draw_schemes, plot_entropies  # noqa: E402
 from sample import load_blt  # noqa: E402
 from patching import ( average_patch_size, calibrate_threshold, entropy_patch_starts, lengths_from_starts,
@@ -45,6 +49,27 @@ def scheme_lengths(tokens, entropy_model, threshold_global, threshold_monotonic,
     }
 
 
+def learned_lengths(model, tokens: torch.Tensor, bos_patch: bool) -> torch.Tensor:
+    """Chunk lengths (B, P) of tokens (B, T) under a model with learned boundaries (b_t from its router), in
+    the layout of patch_lengths: with bos_patch, BOS is a patch of its own and the first byte starts one (the
+    learned chunk that holds BOS may hold bytes too), as draw_schemes expects; a final start closes the last."""
+    starts = torch.cat([model.boundaries(tokens), torch.ones_like(tokens[:, :1], dtype=torch.bool)], dim=1)
+    if bos_patch:
+        starts[:, :2] = True
+    return lengths_from_starts(starts)
+
+
+def load_learned(path: str):
+    """The model of a train.py --patching learned checkpoint, or exit with one line."""
+    try:
+        kind, cfg, model = load_checkpoint(path, kinds=("blt",))
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    if cfg.patching != "learned":
+        sys.exit(f"error: {path} uses {cfg.patching} patching; --learned-checkpoint needs train.py --patching learned")
+    return model
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Draw the patching pictures from a trained BLT checkpoint.")
     p.add_argument("--checkpoint", required=True, help="a BLT checkpoint with entropy patching (train.py)")
@@ -52,7 +77,10 @@ def main(argv=None):
     p.add_argument("--data", default=None, help="corpus for the patch-size histograms (e.g. shakespeare)")
     p.add_argument("--val-bytes", type=int, default=1 << 18, help="validation bytes for the histograms")
     p.add_argument("--out", default="figures", help="output folder")
+    p.add_argument("--learned-checkpoint", default=None,
+                   help="a BLT with learned boundaries (train.py --patching learned): its chunks join the pictures")
     args = p.parse_args(argv)
+    learned = load_learned(args.learned_checkpoint) if args.learned_checkpoint else None
 
     try:
         model = load_blt(args.checkpoint)
@@ -73,6 +101,8 @@ def main(argv=None):
     theta_g = cfg.entropy_threshold if cfg.patching == "entropy" else calibrate_threshold(H, target)
     stride = max(1, round(target))
     rows = scheme_lengths(tokens, model.entropy_model, theta_g, theta_m, stride, cfg.max_patch_length)
+    if learned is not None:
+        rows[f"learned (H-Net), target {learned.cfg.patch_size:g}"] = learned_lengths(learned, tokens, bos_patch=True)
     draw_schemes(Path(args.out) / "patching_schemes.png", text, rows)
     starts = torch.zeros(tokens.shape[1] + 1, dtype=torch.bool)
     starts[(global_lengths[0].cumsum(0) - global_lengths[0])] = True
@@ -91,6 +121,9 @@ def main(argv=None):
                                                 cfg.max_patch_length).items():
                 real = lengths[:, 1:]  # drop the BOS patch
                 sizes.setdefault(name, []).append(real[real > 0])
+            if learned is not None:  # every chunk but the one holding BOS
+                real = learned_lengths(learned, x, bos_patch=False)[:, 1:]
+                sizes.setdefault("learned (H-Net)", []).append(real[real > 0])
         draw_histograms(Path(args.out) / "patch_sizes.png", {k: torch.cat(v) for k, v in sizes.items()})
         print(f"wrote {args.out}/patch_sizes.png")
 

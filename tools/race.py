@@ -208,8 +208,11 @@ def main(argv=None) -> int:
                + (" --controls" if args.controls else "") + (f" --only {args.only}" if args.only else ""))
     text = table(rows, command, args.time_budget, where)
     print("\n" + text)
-    (out / "race.md").write_text(text + "\n")
-    (out / "race.json").write_text(json.dumps({"machine": where, "rows": rows}, indent=1) + "\n")
+    for path, body in ((out / "race.md", text), (out / "race.json", json.dumps({"machine": where, "rows": rows}, indent=1))):
+        try:
+            path.write_text(body + "\n")
+        except OSError as e:
+            sys.exit(f"error: cannot write {path}: {e.strerror or e}")
     if args.publish:
         rewritten = publish(text, *markers(args.data, args.time_budget))
         print("rewrote " + (", ".join(shown(p) for p in rewritten) or "nothing"))
