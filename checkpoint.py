@@ -13,7 +13,8 @@ dict, list or primitive, so `torch.load(..., weights_only=True)` reads it and ne
      # written by train.py, absent from converted checkpoints (tools/convert.py):
      "train": dict,         # train.TrainConfig: the settings a resumed run must share
      "optimizer": state_dict, "step": int, "steps": int, "done": bool,
-     "rng": {"torch", "numpy", "python"}, "data": {"seed", "batches"},   # batches drawn so far
+     "rng": {"torch", "numpy", "python", "cuda" (where CUDA was in use)}, "data": {"seed", "batches"},   # batches drawn so far
+     "scaler": dict,        # --dtype fp16 only: the gradient scaler's scale and growth tracker
      "elapsed": float, "time_budget": float | None, "metrics": dict,    # last evaluation
      "log_records": int}    # records of the metrics log written up to this checkpoint
 
@@ -199,9 +200,16 @@ def load_weights(model: torch.nn.Module, weights, path):
         raise CheckpointError(f"{path}: weights do not fit the model: {_first_line(e)}") from None
 
 
-def restore(ckpt: dict, path, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-    """Continue a training checkpoint: its weights, optimizer state and random state, each checked to fit."""
+def restore(ckpt: dict, path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler=None):
+    """Continue a training checkpoint: its weights, optimizer state, gradient scaler (fp16) and random state,
+    each checked to fit."""
     load_weights(model, ckpt["model"], path)
+    if scaler is not None and scaler.is_enabled():
+        try:
+            scaler.load_state_dict(ckpt["scaler"])
+        except (TypeError, ValueError, RuntimeError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{path} is damaged: its gradient scaler state is unusable ({_first_line(e)}); "
+                                  f"start over with --overwrite") from None
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
         for group in optimizer.param_groups:  # load_state_dict does not compare shapes; AdamW would fail later
@@ -254,9 +262,12 @@ def rng_state() -> dict:
     """Every random generator a run draws from, as tensors and lists (weights_only can read them)."""
     np_state = np.random.get_state()
     py_state = random.getstate()
-    return {"torch": torch.get_rng_state(),
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "python": [py_state[0], list(py_state[1]), py_state[2]]}
+    state = {"torch": torch.get_rng_state(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+             "python": [py_state[0], list(py_state[1]), py_state[2]]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # this process's GPU (each rank has its own)
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def set_rng_state(state: dict):
@@ -265,3 +276,5 @@ def set_rng_state(state: dict):
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():  # a CPU run of a GPU checkpoint keeps its own
+        torch.cuda.set_rng_state(state["cuda"])

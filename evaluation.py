@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from blt import LEARNED, bits_per_byte, byte_transformer_flops_per_byte, flops_per_byte
 from data import eval_windows
 from patching import VOCAB_SIZE
-from runtime import DIST, autocast, to_device
+from runtime import DIST, autocast, full_fp32, to_device
 from tokens import evaluate_bpb, token_flops_per_byte
 
 
@@ -24,10 +24,10 @@ from tokens import evaluate_bpb, token_flops_per_byte
 def evaluate(model, kind: str, config, val, seq_len: int, batch_size: int, dtype: str, device: torch.device,
              max_bytes: int | None = None, tokens=None) -> dict:
     """Bits per byte of a "blt", byte-level ("entropy", "byte") or "bpe" model over val[:max_bytes]. Under
-    torchrun each process takes every N-th batch and the sums are added up. BLT is patched by its own (fp32)
-    entropy model, outside autocast, as in training. Returns val_bpb, val_bytes, FLOPs per byte and, for BLT,
-    the average patch size (and the entropy model's forward FLOPs per byte, counted apart as the paper does);
-    with learned boundaries (learned.py) the realised bytes per chunk is the patch size.
+    torchrun each process takes every N-th batch and the sums are added up. BLT is patched by its own (fp32,
+    TF32 off) entropy model, outside autocast, as in training. Returns val_bpb, val_bytes, FLOPs per byte and,
+    for BLT, the average patch size (and the entropy model's forward FLOPs per byte, counted apart as the paper
+    does); with learned boundaries (learned.py) the realised bytes per chunk is the patch size.
     "bpe" needs tokens (tokens.TokenSetup) and ignores seq_len (its windows are tokens.seq_len tokens)."""
     if kind == "bpe":
         return evaluate_token_model(model, config, val, tokens, batch_size, dtype, device, max_bytes)
@@ -40,17 +40,19 @@ def evaluate(model, kind: str, config, val, seq_len: int, batch_size: int, dtype
             continue
         x, y = to_device(x, device), to_device(y, device)  # (B, T) each
         patched = kind == "blt" and not learned  # learned boundaries come out of the model's own forward
-        lengths = model.patch(x) if patched else None  # (B, P)
+        with full_fp32():  # TF32 off, as in training and sampling
+            lengths = model.patch(x) if patched else None  # (B, P)
         with autocast(device, dtype):
             logits = model(x, patch_lengths=lengths) if patched else model(x)  # (B, T, V)
-        nats += F.cross_entropy(logits.float().reshape(-1, VOCAB_SIZE), y.reshape(-1), reduction="sum").item()
+        # the sums stay on the device until the end: no host sync per batch
+        nats = nats + F.cross_entropy(logits.float().reshape(-1, VOCAB_SIZE), y.reshape(-1), reduction="sum").double()
         n_bytes += y.numel()
         if lengths is not None:
-            positions, patches = positions + int(lengths.sum()), patches + int((lengths > 0).sum())
+            positions, patches = positions + lengths.sum(), patches + (lengths > 0).sum()
         if learned:  # bytes per chunk: input positions (BOS included) per chunk
-            positions, patches = positions + int(model.stats["bytes"]), patches + int(model.stats["chunks"])
+            positions, patches = positions + model.stats["bytes"], patches + model.stats["chunks"]
     model.train(was_training)
-    nats, n_bytes, positions, patches = DIST.sum([nats, n_bytes, positions, patches])
+    nats, n_bytes, positions, patches = DIST.sum([float(nats), n_bytes, int(positions), int(patches)])
     out = {"val_bpb": bits_per_byte(nats, int(n_bytes)), "val_bytes": int(n_bytes)}
     if kind == "blt":
         out["patch_size"] = positions / patches

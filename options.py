@@ -76,9 +76,9 @@ def parse_args(argv, presets) -> argparse.Namespace:
     p = Parser(description="Train the entropy model, calibrate its threshold, train BLT (or a byte-level "
                "baseline), and report held-out bits per byte.")
     pos, count = int_at_least(1), int_at_least(0)
-    p.add_argument("--data", type=nonempty, default="shakespeare",
+    p.add_argument("--data", type=nonempty, default=None,
                    help="a local file (last 10%% is validation), a directory, or a corpus name: shakespeare "
-                        "(default), tinyshakespeare, enwik8")
+                        "(default), tinyshakespeare, enwik8 (the default of the gpu preset)")
     p.add_argument("--preset", choices=presets, default=None,
                    help="cpu, gpu, small (a small corpus under --time-budget), or smoke (every stage in under a "
                         "minute, for trying flags) (default: gpu if CUDA is available; else small for BLT under "
@@ -126,7 +126,9 @@ def parse_args(argv, presets) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=count, default=None, help="warmup steps of the main model")
     p.add_argument("--weight-decay", type=number(at_least=0), default=None,
                    help="AdamW weight decay of the main model (default 0.1)")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="autocast dtype (default: bf16 where the device multiplies bf16 natively, else fp32)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="autocast dtype (default: bf16 where the device multiplies bf16 natively, else fp16 on a GPU "
+                        "(with a gradient scaler), fp32 on a CPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--threads", type=THREADS, default=None,

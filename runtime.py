@@ -9,7 +9,8 @@
     FolderLock        one run at a time in an output folder
     finished_entropy_model   stage 1's checkpoint, for stages 2 and 3
     autocast, to_device   the compute dtype and host-to-device copies
-    default_dtype         bf16 where this device multiplies bf16 natively, else fp32
+    default_dtype         bf16 where this device multiplies bf16 natively, else fp16 on a GPU, fp32 on a CPU
+    full_fp32             fp32 matmuls without TF32, for the entropy model's patching pass
     compiled_graphs       how many graphs torch.compile has compiled (a recompile adds one)
 
 Each of these is one line inside the loop. Nothing here changes what is computed: a run with the same flags
@@ -156,17 +157,46 @@ def native_bf16(device: torch.device, cpuinfo: str = "/proc/cpuinfo") -> bool:
 
 
 def default_dtype(device: torch.device) -> str:
-    """The autocast dtype when --dtype is not given: bf16 where it is native, else fp32."""
-    return "bf16" if native_bf16(device) else "fp32"
+    """The autocast dtype when --dtype is not given: bf16 where it is native; else fp16 on a GPU (T4, V100: fp16
+    tensor cores, with a gradient scaler) and fp32 on a CPU."""
+    return "bf16" if native_bf16(device) else "fp16" if device.type == "cuda" else "fp32"
+
+
+def check_dtype(dtype: str, device: torch.device):
+    """bf16 on a GPU that only emulates it is refused: the efficient attention kernels refuse emulated bf16, and
+    the fallback builds about 1 GiB of scores per local attention call."""
+    if dtype == "bf16" and device.type == "cuda" and not native_bf16(device):
+        raise UsageError(f"--dtype bf16: {torch.cuda.get_device_name(device)} has no native bf16; use --dtype fp16 "
+                         f"(with a gradient scaler) or --dtype fp32")
 
 
 def autocast(device: torch.device, dtype: str):
-    """bf16: matmuls in bfloat16 under autocast (weights, optimizer and losses stay fp32); fp32: nothing."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+    """bf16 or fp16: matmuls in that dtype under autocast (weights, optimizer and losses stay fp32; fp16 also
+    needs a gradient scaler, train.train_loop); fp32: nothing."""
+    if dtype in ("bf16", "fp16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
+    return nullcontext()
+
+
+class full_fp32:
+    """with full_fp32(): fp32 matmuls in full precision (TF32 off) inside, as they are on a CPU. train.py turns
+    TF32 on for speed; the entropy model's patching pass runs without it in training, calibration, evaluation
+    and sampling alike, so that a byte whose entropy is within rounding of the threshold gets the same
+    boundary everywhere."""
+
+    def __enter__(self):
+        self.saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        return self
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+        return False
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x
+    """A host batch onto the device (on the CPU, .to returns x itself)."""
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
 
 
 def compiled_graphs() -> int:
@@ -371,6 +401,8 @@ class Clock:
     SAVE_SECONDS = 2.0  # the final checkpoint and figure
     MAX_RESERVE = 0.25  # never hold back more than a quarter of the budget
 
+    excluded = 0.0  # seconds left out of every clock in this process (compiling), for train.py's whole budget
+
     def __init__(self, steps: int, budget: float | None, elapsed: float, bytes_per_step: int, final_eval_bytes: int):
         self.steps, self.budget, self.bytes_per_step, self.final_eval_bytes = steps, budget, bytes_per_step, final_eval_bytes
         self.start = time.time() - elapsed
@@ -378,6 +410,11 @@ class Clock:
 
     def elapsed(self) -> float:
         return time.time() - self.start
+
+    def exclude(self, seconds: float):
+        """Leave seconds (torch.compile's first compile) out of the stage's clock and of the whole budget."""
+        self.start += seconds
+        Clock.excluded += seconds
 
     def progress(self, step: int) -> float:
         if self.budget is None:
@@ -459,15 +496,16 @@ class Run:
     def __enter__(self):
         return self
 
-    def start(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-        """Load the checkpoint being continued (weights, optimizer, random state); start the clock, the log
-        and the progress bar; from here a signal waits for the end of the step. Returns the first step."""
+    def start(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler=None, compiling: bool = False) -> int:
+        """Load the checkpoint being continued (weights, optimizer, gradient scaler, random state); start the
+        clock, the log and the progress bar; from here a signal waits for the end of the step. Returns the first
+        step. compiling: the first step compiles the model, and its time is left out of the clock."""
         from tqdm import tqdm
-        self.model, self.optimizer = model, optimizer
+        self.model, self.optimizer, self.scaler, self.compiling = model, optimizer, scaler, compiling
         r = self.resume_from
         step = 0
         if r is not None:
-            restore(r, self.ckpt_path, model, optimizer)
+            restore(r, self.ckpt_path, model, optimizer, scaler)
             step = r["step"]
         self.clock = Clock(self.steps, self.time_budget, r["elapsed"] if r else 0.0, self.bytes_per_step,
                            self.final_eval_bytes)
@@ -480,6 +518,7 @@ class Run:
                      f"{describe_corpus(old)}")
             self.write({"type": "corpus", "step": step, "from": old, "to": new})
         self.logged_step, self.logged_time = step, self.clock.elapsed()  # for bytes/s between log lines
+        self.first_step = step
         # On a terminal only (disable=None): in a pipe or a log file the bar would bury the messages.
         self.bar = tqdm(total=None if self.time_budget else self.steps, initial=step, desc=self.name, unit="step",
                         dynamic_ncols=True, mininterval=1.0, disable=None if DIST.main else True)
@@ -507,8 +546,17 @@ class Run:
 
     def log_train(self, step: int, loss_sum: torch.Tensor, lr: float, last: bool, extra=None):
         """Every log_interval steps: the mean loss over the global batch; stop on a non-finite loss. extra():
-        more fields for the record (learned boundaries: bytes per chunk and the ratio loss), called when logging."""
+        more fields for the record (learned boundaries: bytes per chunk and the ratio loss), called when logging.
+        After the first step of a compiled model: its time, which is mostly compiling, leaves the clock (one
+        line says it)."""
         self.bar.update(1)
+        if self.compiling and step == self.logged_step + 1 and self.logged_step == self.first_step:
+            seconds = self.clock.elapsed() - self.logged_time
+            self.clock.exclude(seconds)
+            self.logged_time = self.clock.elapsed()
+            self.graphs = compiled_graphs()
+            DIST.say(f"{self.name}: compiling took {seconds:.0f} s (the first step, left out of the clock"
+                     f"{' and of --time-budget' if self.time_budget else ''}); {self.graphs} graph(s)")
         if step % self.log_interval and not last:
             return
         more = extra() if extra is not None else {}
@@ -521,7 +569,8 @@ class Run:
             raise TrainingError(f"{self.name}: loss became {loss} at step {step}; the last good checkpoint "
                                 f"{self.ckpt_path} was kept (try a lower --lr)")
         self.write({"type": "train", "step": step, "bytes": step * self.bytes_per_step, "time": self.clock.elapsed(),
-                    "lr": lr, "loss": loss, "bpb": bpb, "bytes_per_s": rate, **more})
+                    "lr": lr, "loss": loss, "bpb": bpb, "bytes_per_s": rate, **more,
+                    **({"graphs": compiled_graphs()} if self.compiling else {})})
         self.bar.set_postfix(loss=f"{loss:.3f}", bpb=f"{bpb:.3f}", bytes_s=f"{rate:,.0f}",
                              **{k: f"{v:.3f}" for k, v in more.items()}, refresh=False)
 
@@ -542,7 +591,8 @@ class Run:
                          "optimizer": self.optimizer.state_dict(), "step": step, "steps": self.steps, "done": done,
                          "rng": rng_state(), "data": {"seed": self.saved["train"]["seed"], "batches": step},
                          "elapsed": self.clock.elapsed(), "time_budget": self.time_budget, "metrics": self.metrics,
-                         "log_records": self.log.records},
+                         "log_records": self.log.records,
+                         **({"scaler": self.scaler.state_dict()} if self.scaler and self.scaler.is_enabled() else {})},
                         self.ckpt_path)
         DIST.barrier()  # no rank leaves (or reads the file) before it is complete
         self.saved_step = step

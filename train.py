@@ -1,6 +1,6 @@
 """Train the Byte Latent Transformer end to end: entropy model -> threshold -> BLT (paper sections 2-4).
 
-    python train.py                          # all three stages on the default corpus (shakespeare)
+    python train.py                          # all three stages on the default corpus (shakespeare; enwik8 on a GPU)
     python train.py --stage entropy          # 1. the entropy model (paper 2.3)           -> OUT/entropy.pt
     python train.py --stage calibrate        # 2. the threshold for the target patch size  -> OUT/calibration.json
     python train.py --stage blt              # 3. BLT with the frozen entropy model         -> OUT/blt_entropy.pt
@@ -51,8 +51,8 @@ from entropy_model import ByteLMConfig  # noqa: E402
 from patching import average_patch_size, calibrate_threshold, patch_lengths  # noqa: E402
 from tokens import TokenLMConfig, get_token_batch, prepare_tokens  # noqa: E402
 from options import check_batches, check_stop_at, model_configs, parse_args, pick_device  # noqa: E402
-from runtime import (DIST, STOP, FolderLock, Run, UsageError, autocast, default_dtype, draw_curves,  # noqa: E402
-                     finished_entropy_model, report, start_or_resume, to_device)
+from runtime import (DIST, STOP, Clock, FolderLock, Run, UsageError, autocast, check_dtype, default_dtype,  # noqa: E402
+                     draw_curves, finished_entropy_model, full_fp32, report, start_or_resume, to_device)
 
 # ---------------------------------------------------------------------------------------------------------
 # Defaults, in one place: the cpu preset; the others list what they change. Flags override single values.
@@ -66,16 +66,18 @@ CPU = dict(
     entropy_steps=400, steps=600,  # BLT ~1 s/step on 2 cores: 600 x 8 KiB = one epoch of the default corpus
     entropy_time_share=0.15,  # under --time-budget, the entropy model's share of the whole budget
     eval_interval=100, eval_bytes=65536, final_eval_bytes=0, log_interval=10, calibration_windows=256, compile=False,
+    data="shakespeare",  # the corpus without --data
 )  # final_eval_bytes 0: the whole validation split
 PRESETS = {
     "cpu": CPU,  # 2 CPU cores: the whole pipeline in about 10 minutes
-    "gpu": {**CPU, **dict(  # one GPU, about an hour; meant for a larger corpus (--data enwik8)
+    "gpu": {**CPU, **dict(  # one GPU, about an hour on enwik8, its default corpus (~1e17 FLOPs: estimated, not measured)
         blt=one_gpu(), byte=ByteLMConfig(dim=768, layers=12, heads=12, window=None, multiple_of=256),
         bpe=TokenLMConfig(vocab_size=4096, dim=768, layers=12, heads=12),
-        entropy_train=dict(seq_len=1024, batch_size=64, lr=1e-3, warmup_steps=500),
-        train=dict(seq_len=1024, batch_size=64, lr=4e-4, warmup_steps=2000),
-        entropy_steps=5000, steps=30000, entropy_time_share=0.1,
-        eval_interval=1000, eval_bytes=1 << 20, log_interval=50, compile=True)},
+        entropy_train=dict(seq_len=1024, batch_size=64, lr=1e-3, warmup_steps=300),
+        train=dict(seq_len=1024, batch_size=64, lr=4e-4, warmup_steps=500),
+        # 5,000 x 64 KiB = 3.6 passes over enwik8's 90 MB: more and the 154M hash-table parameters memorise it
+        entropy_steps=4000, steps=5000, entropy_time_share=0.1, data="enwik8",
+        eval_interval=500, eval_bytes=1 << 20, log_interval=50, compile=True)},
     "smoke": {**CPU, **dict(  # every stage in well under a minute on 2 cores: for trying flags, and for tests
         blt=cpu_tiny(entropy_dim=32, entropy_layers=1, entropy_window=32, local_dim=64, local_heads=2, decoder_layers=1,
                      local_window=64, hash_buckets=512, global_dim=128, global_layers=2, global_heads=2),
@@ -92,6 +94,7 @@ PRESETS = {
 # The default preset: gpu with CUDA, else cpu; but any model under --time-budget on a training split under 16 MB
 # gets the small preset (docs/training.md, "Five minutes on tiny Shakespeare"). --preset cpu keeps cpu.
 SMALL_CORPUS_BYTES = 16 << 20
+MAX_PASSES = 4  # more passes over the training split than this, and the start line warns: a model that memorises
 NEVER = 10 ** 9  # an evaluation interval no run reaches
 MIN_SPACE_PATCH = 3.5  # the small preset's space patching, on text it cuts finer than this, becomes strided (size 4)
 
@@ -109,7 +112,7 @@ class TrainConfig:
     beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
-    dtype: str = "bf16"  # autocast dtype for matmuls: bf16 | fp32 (train.py: runtime.default_dtype without --dtype)
+    dtype: str = "bf16"  # autocast dtype for matmuls: bf16 | fp16 | fp32 (train.py: runtime.default_dtype without --dtype)
     seed: int = 0
     # learned boundaries (learned.py): the outer stage (encoder, router, decoder) trains at lr x this, the global
     # transformer at lr (H-Net's per-stage learning-rate multiplier; None: 1, one rate for all)
@@ -189,8 +192,10 @@ class Task:
     def patch(self, x: torch.Tensor) -> torch.Tensor:
         """BLT's patch lengths (B, P) from the frozen fp32 entropy model, outside autocast. Compiled, P changes
         from batch to batch, so it is one dynamic dimension: one graph serves every P (no recompiles). Rows are
-        right-padded with empty (invisible) patches to a multiple of 16: P - 1 is never 1, a size torch specializes."""
-        lengths = self.model.patch(x)
+        right-padded with empty (invisible) patches to a multiple of 16: P - 1 is never 1, a size torch specializes.
+        TF32 off, as at calibration and in sample.py (runtime.full_fp32)."""
+        with full_fp32():
+            lengths = self.model.patch(x)
         if self.compile_model:
             lengths = F.pad(lengths, (0, -lengths.shape[1] % 16))
             torch._dynamo.mark_dynamic(lengths, 1)
@@ -240,7 +245,9 @@ def train_loop(task: Task, corpus, run: Run, opts) -> dict:
     model, tc = task.model, task.tc
     optimizer = make_optimizer(model, tc, task.device)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
-    step = run.start(model, optimizer)  # 0, or the step of the checkpoint being continued
+    # fp16: the loss is scaled up before backward so that small gradients do not underflow (a no-op otherwise)
+    scaler = torch.amp.GradScaler(task.device.type, enabled=tc.dtype == "fp16")
+    step = run.start(model, optimizer, scaler, task.compile_model)  # 0, or the step of the checkpoint being continued
     task.prepare()
     micro_batches = DIST.micro_batches(tc.batch_size, opts.micro_batch_size)  # this process's share
     model.train()
@@ -256,10 +263,12 @@ def train_loop(task: Task, corpus, run: Run, opts) -> dict:
         for i, part in enumerate(micro_batches):
             with task.sync_gradients(now=i == len(micro_batches) - 1):
                 loss = task.loss(x[part], y[part]) / len(micro_batches)
-                loss.backward()
+                scaler.scale(loss).backward()
             loss_sum = loss_sum + loss.detach()
+        scaler.unscale_(optimizer)  # fp16: the true gradients, before clipping
         torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)  # optimizer.step(); fp16: skipped if a gradient overflowed
+        scaler.update()
         # --- end solution ---
         step += 1
         progress = run.progress(step)  # the same on every process, which also agree on a pending Ctrl-C
@@ -318,7 +327,8 @@ def calibrate(entropy_cfg: ByteLMConfig, blt_cfg: BLTConfig, tc: TrainConfig, co
     model.to(opts.device).eval()
     # Fixed windows as long as BLT's (a seed stream apart from training batches); entropies in fp32 as in BLT.patch.
     x, _ = get_batch(corpus.train, opts.calibration_windows, tc.seq_len, tc.seed + 1_000_003, 0)
-    entropies = torch.cat([model.entropies(to_device(chunk, opts.device)).cpu() for chunk in x.split(64)])
+    with full_fp32():
+        entropies = torch.cat([model.entropies(to_device(chunk, opts.device)).cpu() for chunk in x.split(64)])
     theta = calibrate_threshold(entropies, blt_cfg.patch_size, monotonic=blt_cfg.patching == "monotonic",
                                 max_patch_length=blt_cfg.max_patch_length)
     achieved = average_patch_size(patch_lengths(x, blt_cfg.patching, entropies=entropies, threshold=theta,
@@ -409,6 +419,7 @@ def settings(args, preset_name: str, device: torch.device):
     blt_cfg, baseline_cfg = model_configs(args, preset, preset_name)  # the preset, then --config and flags
     pick = lambda flag, key: preset[key] if flag is None else flag  # noqa: E731  (a flag, else the preset's value)
     dtype = args.dtype or default_dtype(device)  # bf16 only where it is native: emulated it is many times slower
+    check_dtype(dtype, device)
     flags = dict(seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                  weight_decay=args.weight_decay, dtype=dtype, outer_lr_multiplier=args.outer_lr_multiplier)
     tc = TrainConfig(**{**preset["train"], **{k: v for k, v in flags.items() if v is not None}, "seed": args.seed})
@@ -454,6 +465,31 @@ def space_patch_size(train, sample_bytes: int = 1 << 16) -> float:
     return average_patch_size(patch_lengths(x, "space"))
 
 
+def default_preset(args, device: torch.device) -> tuple[str, str]:
+    """(preset, corpus) without --preset and --data: gpu and enwik8 with CUDA, else cpu and shakespeare."""
+    preset_name = args.preset or ("gpu" if device.type == "cuda" else "cpu")
+    return preset_name, args.data or PRESETS[preset_name]["data"]
+
+
+def passes_line(stages: list[str], opts, tc: TrainConfig, entropy_tc: TrainConfig, train_bytes: int,
+                time_budget: float | None) -> str:
+    """One line at start: how many times each model will read the training split, with a warning past
+    MAX_PASSES (a model that sees its data many times memorises it; BLT's hash tables especially)."""
+    if time_budget is not None:
+        return f"passes over the training split ({train_bytes:,} bytes): as many as --time-budget allows"
+    plan = [("the entropy model", opts.entropy_steps, entropy_tc)] * ("entropy" in stages)
+    plan += [(name, opts.steps, tc) for name in ("BLT", "the byte model", "the BPE model")
+             if {"BLT": "blt", "the byte model": "byte", "the BPE model": "bpe"}[name] in stages]
+    passes = [(name, steps * c.batch_size * c.seq_len / max(1, train_bytes)) for name, steps, c in plan]
+    line = (f"passes over the training split ({train_bytes:,} bytes): "
+            + ", ".join(f"{name} {p:.3g} ({steps:,} steps)" for (name, p), (_, steps, _) in zip(passes, plan)))
+    many = [name for name, p in passes if p > MAX_PASSES]
+    if many:
+        line += (f"; warning: {' and '.join(many)} will read the training split more than {MAX_PASSES} times and "
+                 f"may memorise it: a larger corpus (--data enwik8), or fewer --steps")
+    return line
+
+
 def small_by_default(args, preset_name: str, train_bytes: int) -> bool:
     """The rule of the defaults block: a run on CPU under --time-budget, no --preset, a small training split (the
     same rule for BLT and both baselines: each model's plain command is what tools/race.py compares)."""
@@ -464,7 +500,7 @@ def small_by_default(args, preset_name: str, train_bytes: int) -> bool:
 def run(args):
     t_start = time.time()
     device = pick_device(args.device, DIST)
-    preset_name = args.preset or ("gpu" if device.type == "cuda" else "cpu")
+    preset_name, args.data = default_preset(args, device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
@@ -494,7 +530,11 @@ def run(args):
     with FolderLock(out):  # one run per output folder; a second one is refused, naming this process
         DIST.say(f"{corpus.describe()} | preset {preset_name}{why} | device {device} | {torch.get_num_threads()} "
                  f"threads" + (f" x {DIST.world} processes" if DIST.enabled else "") + f" | out {out}")
-        budget_left = lambda: None if args.time_budget is None else args.time_budget - (time.time() - t_start)  # noqa: E731
+        DIST.say(passes_line(stages, opts, tc, entropy_tc, len(corpus.train), args.time_budget))
+        # compiling is left out of the budget (runtime.Clock.exclude), as it is out of each stage's clock
+        excluded = Clock.excluded  # earlier commands' compiling, in this process (tests, tools)
+        budget_left = lambda: None if args.time_budget is None else (  # noqa: E731
+            args.time_budget - (time.time() - t_start - (Clock.excluded - excluded)))
         run_stages(args, opts, corpus, out, blt_cfg, baseline_cfg, tc, entropy_tc, stages, preset, budget_left)
         if DIST.main and sorted(out.glob("*.jsonl")):
             draw_curves(sorted(out.glob("*.jsonl")), out / "curves.png", f"{name}: validation bits per byte")

@@ -129,6 +129,7 @@ class Trainer:
         self.task = task = train.Task(kind, model, config, tc, device, compile_model=self.compiled, tokens=self.tokens)
         task.prepare(backend)
         self.optimizer = train.make_optimizer(model, tc, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")  # as train.train_loop
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.patch_sizes, self.patch_counts = [], set()
         self.split = {}  # seconds spent in forward, backward, and clipping + the optimizer, summed over steps
@@ -153,11 +154,13 @@ class Trainer:
         sync()
         marks.append(time.perf_counter())
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
         sync()
         marks.append(time.perf_counter())
+        self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         loss.item()  # waits for the device
         marks.append(time.perf_counter())
         for part, t0, t1 in zip(("forward", "backward", "clip + AdamW"), marks, marks[1:]):

@@ -5,11 +5,13 @@ one GPU), printed as a markdown table.
     python tools/gpu_check.py --device cpu --preset smoke --backend aot_eager --steps 3   # a dry run on CPU
 
 1. the CUDA tests (`python -m pytest -m cuda`: tests/test_cuda.py);
-2. training steps of the preset's BLT (entropy patching, bf16 autocast, torch.compile) on random bytes, so
-   nothing is downloaded (tools/bench_train.measure): bytes/s, achieved FLOP/s (paper section 4.5 FLOPs, plus
-   the entropy model's forward pass), MFU against the GPU's bf16 peak, peak memory, and how many graphs
-   torch.compile compiled (a recompile for a new patch count adds one);
-3. the sampler (sample.generate, incremental, one row) on an untrained BLT of the preset: bytes/s.
+2. training steps of the preset's BLT (entropy patching, torch.compile; bf16 autocast, or fp16 with a gradient
+   scaler on a GPU without native bf16, as train.py picks) on random bytes, so nothing is downloaded
+   (tools/bench_train.measure): bytes/s, achieved FLOP/s (paper section 4.5 FLOPs, plus the entropy model's
+   forward pass), MFU against the GPU's bf16 peak, peak memory, and how many graphs torch.compile compiled (a
+   recompile for a new patch count adds one);
+3. the sampler (sample.generate, incremental, one row) on the GPU, on an untrained BLT of the preset: bytes/s,
+   and whether one seed samples the same bytes on the GPU as on the CPU.
 
 Without CUDA it says so in one line and exits 1, unless --device cpu asks for the dry run (the CUDA tests
 are skipped there).
@@ -64,7 +66,8 @@ def cuda_tests() -> str:
 
 def sampler_bytes_per_s(preset: str, device: torch.device, n: int) -> str:
     """Incremental generation of n bytes, one row, by an untrained BLT of the preset (threshold calibrated on
-    random bytes). sample.py may not support the device; then the CPU rate is measured and the error named."""
+    random bytes), and the same seed's bytes on the CPU (sample.py draws its noise on the host). If generation
+    fails on the device, the CPU rate is measured and the error named."""
     import train
     from blt import BLT, BLTConfig
     from patching import calibrate_threshold
@@ -76,24 +79,31 @@ def sampler_bytes_per_s(preset: str, device: torch.device, n: int) -> str:
         x = torch.randint(4, 260, (16, 256))
         model.cfg.entropy_threshold = calibrate_threshold(model.entropy_model.entropies(x), model.cfg.patch_size)
 
-    def rate(on: torch.device) -> float:
+    def rate(on: torch.device) -> tuple[float, torch.Tensor]:
         model.to(on)
         generate(model, b"", 16, seed=0, stop_at_eos=False)  # warm-up
         if on.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        generate(model, b"", n, seed=0, stop_at_eos=False)
+        tokens, _ = generate(model, b"", n, seed=0, stop_at_eos=False)
         if on.type == "cuda":
             torch.cuda.synchronize()
-        return n / (time.perf_counter() - t0)
+        return n / (time.perf_counter() - t0), tokens.cpu()
 
     try:
-        return f"{rate(device):,.0f} bytes/s on {device.type}"
+        speed, tokens = rate(device)
+        if device.type == "cpu":
+            return f"{speed:,.0f} bytes/s on cpu"
+        _, on_cpu = rate(torch.device("cpu"))
+        differ = (tokens != on_cpu).nonzero()
+        same = "the same bytes as on the CPU for seed 0" if not len(differ) else \
+            f"differs from the CPU's bytes from byte {int(differ[0, 1])} on (float rounding near a tie or the threshold)"
+        return f"{speed:,.0f} bytes/s on {device.type}; {same}"
     except Exception as e:  # noqa: BLE001  (whatever sample.py raises on this device, the table names it)
         if device.type == "cpu":
             raise
         why = str(e).strip().splitlines()[0][:120]
-        return f"fails on {device.type} ({why}); {rate(torch.device('cpu')):,.0f} bytes/s on cpu"
+        return f"fails on {device.type} ({why}); {rate(torch.device('cpu'))[0]:,.0f} bytes/s on cpu"
 
 
 def bf16_peak(device: torch.device) -> tuple[str, float | None]:
@@ -122,14 +132,17 @@ def main(argv=None) -> int:
     else:
         rows.append(("CUDA tests", "skipped" + (" (--device cpu)" if args.device == "cpu" else "")))
 
-    print(f"training {args.preset} BLT for up to {args.steps} steps ...", file=sys.stderr, flush=True)
-    r = measure(args.preset, "blt", "bf16", args.steps, compiled=True, device=args.device, backend=args.backend,
+    from runtime import default_dtype
+    dtype = "bf16" if device.type == "cpu" else default_dtype(device)  # fp16 where the GPU only emulates bf16
+    print(f"training {args.preset} BLT ({dtype}) for up to {args.steps} steps ...", file=sys.stderr, flush=True)
+    r = measure(args.preset, "blt", dtype, args.steps, compiled=True, device=args.device, backend=args.backend,
                 max_seconds=args.max_seconds)
     measured_peak = matmul_peak(device, torch.bfloat16)
     mfu = f"MFU {r['flops_per_s'] / spec_peak:.1%} of the {spec_peak / 1e12:,.0f} TFLOP/s bf16 peak of its data " \
           f"sheet; " if spec_peak else ""
     rows += [
-        (f"BLT training, preset {args.preset} ({r['batch']} bytes per step, bf16, torch.compile {args.backend})",
+        (f"BLT training, preset {args.preset} ({r['batch']} bytes per step, {dtype}"
+         f"{' with a gradient scaler' if dtype == 'fp16' else ''}, torch.compile {args.backend})",
          f"{r['bytes_per_s']:,.0f} bytes/s; {r['step_s']:.3f} s per step (median of {r['timed_steps']} steps); "
          f"{r['patch_size']:.2f} bytes per patch"),
         ("achieved FLOP/s (paper §4.5 FLOPs per byte, plus the entropy model's forward)",
