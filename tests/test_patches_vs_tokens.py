@@ -165,7 +165,7 @@ def test_smoke_study_end_to_end(small_corpus, tmp_path):
            "--data", str(small_corpus), "--out", str(out), "--docs", str(tmp_path / "doc.md"), "--readme",
            str(tmp_path / "readme.md"), "--seeds", "0", "--extra-seeds", "1"]
     for page in ("doc.md", "readme.md"):
-        (tmp_path / page).write_text(f"# title\n\nprose\n\n{study.DOC_START}\nold\n{study.DOC_END}\n\nmore prose\n")
+        (tmp_path / page).write_text(f"# title\n\nprose\n\n{study.DOC_START}\nstale table\n{study.DOC_END}\n\nmore prose\n")
     published = published_files()
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -213,10 +213,10 @@ def test_smoke_study_end_to_end(small_corpus, tmp_path):
         assert heading in text
     assert (figures / "patches_vs_tokens.png").stat().st_size > 10_000
     doc = (tmp_path / "doc.md").read_text()  # only the part between the markers is rewritten
-    assert doc.startswith("# title\n\nprose\n\n") and doc.endswith("\n\nmore prose\n") and "old" not in doc
+    assert doc.startswith("# title\n\nprose\n\n") and doc.endswith("\n\nmore prose\n") and "stale table" not in doc
     assert "**Matched compute**" in doc and "](../figures/patches_vs_tokens.png)" in doc
     readme = (tmp_path / "readme.md").read_text()  # the short version: matched compute, noise, the reading, figure
-    assert readme.startswith("# title\n\nprose\n\n") and readme.endswith("\n\nmore prose\n") and "old" not in readme
+    assert readme.startswith("# title\n\nprose\n\n") and readme.endswith("\n\nmore prose\n") and "stale table" not in readme
     assert "| BPE transformer |" in readme and "**Noise as damage to context**" in readme
     assert "**Fixed inference" not in readme and "1. *Matched compute (paper section 5).*" in readme
     assert "](figures/patches_vs_tokens.png)" in readme

@@ -55,10 +55,13 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see train.py (run alone, not via experiments.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from anywhere: the paper modules live at the top of the repository
