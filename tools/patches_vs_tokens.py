@@ -524,8 +524,10 @@ def report(plan, s, args, seeds, extra, patch_sizes, sweep, best_lr, runs, score
     clean = {job: scores.clean(path) for job, path in runs.items()}
     bpb = lambda m, b, seeds_: [clean[(m, b, sd, best_lr[m])]["val_bpb"] for sd in seeds_]  # noqa: E731
     val_bytes = next(iter(clean.values()))["val_bytes"]
+    trained = sum(read_checkpoint(p)["metrics"]["stage_seconds"] for p in set(runs.values())) / 60
     lines = [f"Regenerate with `python tools/experiments.py --study tokens{' --quick' if args.preset == 'quick' else ''}"
-             f"{'' if args.preset in ('cpu', 'quick') else ' --preset ' + args.preset}` ({minutes:.0f} minutes here, "
+             f"{'' if args.preset in ('cpu', 'quick') else ' --preset ' + args.preset}` ({trained:.0f} minutes of "
+             f"training runs here, besides the sweep's and the scoring, "
              f"{args.cores_note}; corpus {args.data or s['data']}; BPE vocabulary {args.vocab_size}, "
              f"{plan['bytes_per_token_train']:.2f} bytes per token on the training split; windows of {s['seq_len']} "
              f"bytes = {plan['token_seq_len']} tokens; batch {s['batch_size']}; validation: {len(scores.chunks)} pieces "
@@ -626,7 +628,7 @@ def report(plan, s, args, seeds, extra, patch_sizes, sweep, best_lr, runs, score
                      f"clean context ({last} steps, seed {seeds[0]}).", "", header, rule]
     for n in names:
         noise_context.append(f"| {label(n)} | {context[n]['clean']['val_bpb']:.3f} | " + " | ".join(
-            f"{context[n][k]['val_bpb']:.3f} (+{ctx_inc[n][k]:.3f})" for k in NOISES) + " |")
+            f"{context[n][k]['val_bpb']:.3f} ({ctx_inc[n][k]:+.3f})" for k in NOISES) + " |")
     lines += noise_context
     lines += ["", f"**Noise on the whole text**: val BPB on noised copies of the validation pieces (rate "
               f"{args.noise_rate:g}; the noise's own entropy is scored too); in brackets the increase over clean.", "",
@@ -634,7 +636,7 @@ def report(plan, s, args, seeds, extra, patch_sizes, sweep, best_lr, runs, score
     for n in names:
         base = clean[(n, last, seeds[0], best_lr[n])]["val_bpb"]
         lines.append(f"| {label(n)} | {base:.3f} | " + " | ".join(
-            f"{noised[n][k]['val_bpb']:.3f} (+{whole_inc[n][k]:.3f})" for k in NOISES) + " |")
+            f"{noised[n][k]['val_bpb']:.3f} ({whole_inc[n][k]:+.3f})" for k in NOISES) + " |")
     lines += ["", "Bytes per token or patch on the noised text (inference FLOPs per byte of the BPE model and of "
               "BLT's global model scale with their inverse):", "", header, rule]
     for n in names:
