@@ -691,7 +691,7 @@ def reading_sentences(plan, patch_sizes, matched, curve, crossings, ctx_inc, s) 
            f"(patch {twin.removeprefix('entropy-ps')}) and {say(-d_bh, s_bh)} to a byte transformer; patching itself is "
            f"worth {say(-d_patch, s_patch)} without the tables (BLT without them against the byte transformer) and "
            f"{say(-d_patch_h, s_patch_h)} with them on both sides (bits per byte saved); BLT without tables ends "
-           f"{versus(d_nb, s_nb)} BPE" + ("" if not matches else ", so BLT's standing against BPE holds without the "
+           f"{versus(d_nb, s_nb)} BPE" + ("." if not matches else ", so BLT's standing against BPE holds without the "
            "free n-gram memory: patching carries it." if survives else ", so at this scale BLT's standing against "
            "BPE rests on the free n-gram memory, not on patching alone.")
            + " (Within seed noise: under twice the larger standard deviation over seeds.)")
