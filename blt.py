@@ -220,6 +220,12 @@ def count_parameters(model: nn.Module) -> dict:
 # ---- FLOPs per byte (paper section 4.5, eqs. 13-17; appendix B) ----
 # Chinchilla-style counting: 2 FLOPs per multiply-add, embeddings are free lookups, attention over a context
 # of m keys costs 2 * 2 * h * m per query (scores and weighted sum), backward = 2 x forward.
+#
+# The attention convention, one for every model (BLT's global, local and entropy models here, the plain byte
+# transformer below, the BPE transformer in tokens.token_flops_per_byte): each query is charged its FULL window
+# m = min(sliding window, training window), in that model's own steps (bytes, patches or tokens), as paper
+# eq. 14 writes it with m = n_ctx; not the causal average (about m / 2) that a causal mask actually computes.
+# The convention inflates every model's attention term alike (by 2x); it is small beside the matmuls here.
 
 def transformer_flops(h: int, layers: int, context: float, vocab: int = 0, ffn_hidden: int | None = None) -> float:
     """Forward FLOPs per position of a transformer stack (paper eq. 14): feed-forward + QKVO + attention +
@@ -247,8 +253,10 @@ def flops_per_byte(cfg: BLTConfig, patch_size: float, seq_len: int = 512) -> dic
     FL_BLT = Transf(h_G, l_G, m = n_ctx / n_p) / n_p + Transf(h_E, l_E, m = w_E)
              + Transf(h_D, l_D, m = w_D, V) + CrossAttn(encoder) + CrossAttn(decoder)          (paper eq. 13)
     "projections" (patch -> k vectors, k*h_E -> h_G, h_G -> k vectors) are left out of eq. 13; they are
-    counted here on their own line. The entropy model is reported apart and not in the total: the paper
-    counts it separately (its cost is paid once per byte during patching).
+    counted here on their own line. The entropy model is reported apart and not in forward_total / train_total
+    (the paper counts it separately); the *_with_entropy totals add it: its forward pass over every byte, at
+    inference (patching) and in training (every training batch is patched by it, frozen: forward only). Its
+    own training is a fixed cost, not per byte: entropy_training_flops.
     """
     if cfg.patching == LEARNED:
         return learned_flops_per_byte(cfg, patch_size, seq_len)
@@ -271,8 +279,31 @@ def flops_per_byte(cfg: BLTConfig, patch_size: float, seq_len: int = 512) -> dic
     total = sum(forward.values())
     w_entropy = min(cfg.entropy_window or seq_len, seq_len)
     entropy = transformer_flops(cfg.entropy_dim, cfg.entropy_layers, w_entropy, VOCAB_SIZE, ffn(cfg.entropy_dim))
-    return {"forward": forward, "forward_total": total, "train_total": 3 * total,
-            "entropy_model_forward": entropy if cfg.patching in ("entropy", "monotonic") else 0.0}
+    entropy = entropy if cfg.patching in ("entropy", "monotonic") else 0.0
+    return {"forward": forward, "forward_total": total, "train_total": 3 * total, "entropy_model_forward": entropy,
+            "forward_total_with_entropy": total + entropy, "train_total_with_entropy": 3 * total + entropy}
+
+
+def entropy_training_flops(cfg: BLTConfig, bytes_seen: float, seq_len: int) -> float:
+    """FLOPs of training BLT's entropy model on bytes_seen bytes in windows of seq_len (3 x its forward per
+    byte); 0 for patching schemes without one. A fixed cost paid once, before any BLT trains."""
+    if cfg.patching not in ("entropy", "monotonic"):
+        return 0.0
+    w = min(cfg.entropy_window or seq_len, seq_len)
+    ffn = swiglu_hidden_dim(cfg.entropy_dim, cfg.multiple_of)
+    return 3 * transformer_flops(cfg.entropy_dim, cfg.entropy_layers, w, VOCAB_SIZE, ffn) * bytes_seen
+
+
+def blt_training_flops(cfg: BLTConfig, patch_size: float, seq_len: int, bytes_seen: float,
+                       entropy_bytes_seen: float = 0.0, entropy_seq_len: int | None = None) -> dict:
+    """A BLT run's whole training compute, with and without its entropy model: bytes_seen x train_total
+    (without), plus the entropy model's forward over every training byte and its own training on
+    entropy_bytes_seen bytes (with)."""
+    f = flops_per_byte(cfg, patch_size, seq_len)
+    without = bytes_seen * f["train_total"]
+    entropy = bytes_seen * f["entropy_model_forward"] + entropy_training_flops(cfg, entropy_bytes_seen,
+                                                                                entropy_seq_len or seq_len)
+    return {"without_entropy": without, "with_entropy": without + entropy, "entropy": entropy}
 
 
 def learned_flops_per_byte(cfg: BLTConfig, bytes_per_chunk: float, seq_len: int = 512) -> dict:

@@ -16,12 +16,13 @@ presets use.
 Shapes: B = batch, T = bytes, D = width, V = 260.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from encoder import hash_ngram_ids
 from layers import KVCache, RMSNorm, TransformerBlock, causal_mask, compute_dtype, rope_cos_sin, swiglu_hidden_dim
 from patching import VOCAB_SIZE
 
@@ -89,9 +90,29 @@ class ByteLMConfig:
     multiple_of: int = 256  # SwiGLU hidden width rounding
     norm_eps: float = 1e-5
     dropout: float = 0.0  # training only (the byte baseline, to match a BLT trained with dropout)
+    # A control, not part of the paper's baseline: BLT's hash n-gram embeddings (paper section 3.2.1) added to
+    # the byte embeddings, the same sizes, tables and hash as encoder.LocalEncoder.embed; lookups, no FLOPs.
+    # () = none (the entropy model and the plain byte baseline).
+    hash_ngram_sizes: tuple[int, ...] = ()
+    hash_buckets: int = 4096
+    hash_functions: int = 1
 
     def __post_init__(self):
         check_transformer(self)
+        check(self, "hash_ngram_sizes", isinstance(self.hash_ngram_sizes, (list, tuple))
+              and all(whole(n) for n in self.hash_ngram_sizes), "must be a list of whole numbers >= 1, e.g. [3,4,5]")
+        self.hash_ngram_sizes = tuple(self.hash_ngram_sizes)
+        for key in ("hash_buckets", "hash_functions"):
+            check(self, key, whole(getattr(self, key)), "must be a whole number >= 1")
+
+    def to_dict(self) -> dict:
+        """The fields, without the hash ones when there are no hash tables: a plain byte model or entropy
+        model is stored (and compared on --resume and calibration) exactly as before they existed."""
+        d = asdict(self)
+        if not self.hash_ngram_sizes:
+            for key in ("hash_ngram_sizes", "hash_buckets", "hash_functions"):
+                del d[key]
+        return d
 
     @classmethod
     def of_blt(cls, cfg) -> "ByteLMConfig":
@@ -101,17 +122,24 @@ class ByteLMConfig:
 
     def build(self) -> "EntropyModel":
         return EntropyModel(self.dim, self.layers, self.heads, self.window, self.rope_theta, self.multiple_of,
-                            self.norm_eps, self.dropout)
+                            self.norm_eps, self.dropout, self.hash_ngram_sizes, self.hash_buckets, self.hash_functions)
 
 
 class EntropyModel(nn.Module):
     """Causal byte LM. forward(tokens) -> logits (B, T, V); entropies(tokens) -> (B, T) nats."""
 
     def __init__(self, dim: int, n_layers: int, n_heads: int, window: int | None = None,
-                 rope_theta: float = 10000.0, multiple_of: int = 256, eps: float = 1e-5, dropout: float = 0.0):
+                 rope_theta: float = 10000.0, multiple_of: int = 256, eps: float = 1e-5, dropout: float = 0.0,
+                 hash_ngram_sizes: tuple[int, ...] = (), hash_buckets: int = 4096, hash_functions: int = 1):
         super().__init__()
         self.window, self.rope_theta, self.head_dim = window, rope_theta, dim // n_heads
         self.tok_embeddings = nn.Embedding(VOCAB_SIZE, dim)
+        # the attribute names of encoder.LocalEncoder, so that incremental.NewestByteEmbedding serves both
+        self.hash_sizes, self.hash_buckets, self.hash_functions = tuple(hash_ngram_sizes), hash_buckets, hash_functions
+        # one table per (hash function, n), in LocalEncoder's order; initialised as the byte table beside it
+        # (nn.Embedding's default), so bytes and n-grams start at the same scale, as in BLT (init_weights)
+        self.hash_embeddings = nn.ModuleList(
+            nn.Embedding(hash_buckets, dim) for _ in range(hash_functions * len(self.hash_sizes)))
         hidden = swiglu_hidden_dim(dim, multiple_of)
         self.layers = nn.ModuleList(TransformerBlock(dim, n_heads, hidden, eps, dropout, window=window)
                                     for _ in range(n_layers))
@@ -130,7 +158,7 @@ class EntropyModel(nn.Module):
         # --- solution: lesson 1: causal sliding-window mask (paper §2.3, §2.4) ---
         mask = None if caches else causal_mask(pos, pos, self.window)  # (1, 1, T, T)
         # --- end solution ---
-        h = self.tok_embeddings(tokens)  # (B, T, D)
+        h = self.embed(tokens)  # (B, T, D)
         for i, layer in enumerate(self.layers):
             h = layer(h, mask, cos, sin, caches[i] if caches else None, pos)
         logits = self.output(self.norm(h))  # (B, T, V)
@@ -138,6 +166,20 @@ class EntropyModel(nn.Module):
             return logits
         loss = F.cross_entropy(logits.float().view(-1, VOCAB_SIZE), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def hash_ids(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """(B, T) ids -> the row of every hash table at every position, [(B, T)] in table order: the ids
+        encoder.LocalEncoder.embed looks up, from the same function (encoder.hash_ngram_ids)."""
+        return [hash_ngram_ids(tokens, n, self.hash_buckets, f)
+                for f in range(self.hash_functions) for n in self.hash_sizes]
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, D): the byte embedding, plus the hash n-gram embeddings if there are tables
+        (no division by the number of tables, as encoder.LocalEncoder.embed)."""
+        h = self.tok_embeddings(tokens)
+        for table, ids in zip(self.hash_embeddings, self.hash_ids(tokens) if self.hash_sizes else []):
+            h = h + table(ids)
+        return h
 
     def new_caches(self) -> list[KVCache]:
         return [KVCache(self.window) for _ in self.layers]

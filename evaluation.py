@@ -58,6 +58,8 @@ def evaluate(model, kind: str, config, val, seq_len: int, batch_size: int, dtype
         out["patch_size"] = positions / patches
         f = flops_per_byte(config, out["patch_size"], seq_len)
         out["entropy_forward_flops_per_byte"] = f["entropy_model_forward"]
+        out["forward_flops_per_byte_with_entropy"] = f["forward_total_with_entropy"]
+        out["train_flops_per_byte_with_entropy"] = f["train_total_with_entropy"]
     else:
         f = byte_transformer_flops_per_byte(config.dim, config.layers, min(config.window or seq_len, seq_len),
                                             config.multiple_of)

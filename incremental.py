@@ -185,9 +185,18 @@ class CachedByteLM:
         self.embedding = model.tok_embeddings.weight
         self.stack = CachedStack(model.layers, model.rope_theta, model.window, batch_size, capacity)
         self.head = Head(model.norm, model.output)
+        # a byte model with BLT's hash n-gram embeddings (ByteLMConfig.hash_ngram_sizes) reads the last N ids
+        self.hashes = NewestByteEmbedding(model) if getattr(model, "hash_sizes", ()) else None
+        if self.hashes is not None:
+            self.recent = torch.zeros(batch_size, self.hashes.N, dtype=torch.long, device=self.embedding.device)
 
     def step(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
-        return self.head(self.stack.step(F.embedding(ids, self.embedding), pos))
+        if self.hashes is None:
+            return self.head(self.stack.step(F.embedding(ids, self.embedding), pos))
+        if pos == 0:  # a new sequence: n-grams reach back before it as zeros, as encoder.hash_ngram_ids pads
+            self.recent.zero_()
+        self.recent = torch.cat([self.recent[:, 1:], ids[:, None].to(self.recent)], dim=1)  # (B, N), newest last
+        return self.head(self.stack.step(self.hashes(self.recent), pos))
 
 
 class NewestByteEmbedding:

@@ -87,6 +87,11 @@ def parse_args(argv, presets) -> argparse.Namespace:
                    help="run one stage alone (each reads what the previous one wrote into --out)")
     p.add_argument("--model", choices=("blt", "byte", "bpe"), default="blt",
                    help="byte: a plain byte-level transformer; bpe: a transformer over byte-level BPE tokens")
+    p.add_argument("--hash-ngrams", action="store_true",
+                   help="--model byte: add BLT's hash n-gram embeddings to the byte embeddings (the preset BLT's "
+                        "n-gram sizes, tables and hash; lookups, no FLOPs): a control for what patching adds")
+    p.add_argument("--no-hash", action="store_true",
+                   help="BLT without hash n-gram embeddings (the same as --config hash_ngram_sizes=[])")
     p.add_argument("--vocab-size", type=int_at_least(257), default=None,
                    help="--model bpe: BPE vocabulary, trained on the training split (default 4096: ~3 bytes per "
                         "token on shakespeare)")
@@ -162,6 +167,11 @@ def check_flags(args):
                 raise UsageError(f"{flag} sets BLT's patches; --model {args.model} has none")
         if args.stage != "all":
             raise UsageError(f"--stage {args.stage} is a stage of BLT; --model {args.model} trains in one stage")
+    if args.hash_ngrams and args.model != "byte":
+        raise UsageError(f"--hash-ngrams adds BLT's hash n-grams to --model byte, not to --model {args.model}"
+                         + (" (BLT has them already)" if args.model == "blt" else ""))
+    if args.no_hash and args.model != "blt":
+        raise UsageError(f"--no-hash turns off BLT's hash n-grams; --model {args.model} has none")
     if args.vocab_size is not None and args.model != "bpe":
         raise UsageError(f"--vocab-size is the BPE vocabulary of --model bpe, not of --model {args.model}")
 
@@ -183,7 +193,8 @@ def parse_overrides(pairs: list[str], cls) -> dict:
     return out
 
 
-FLAG_OF_KEY = {"patching": "--patching", "patch_size": "--patch-size", "vocab_size": "--vocab-size"}  # flags that set a config field
+FLAG_OF_KEY = {"patching": "--patching", "patch_size": "--patch-size", "vocab_size": "--vocab-size",
+               "hash_ngram_sizes": "--no-hash / --hash-ngrams"}  # flags that set a config field
 
 
 def model_configs(args, preset: dict, preset_name: str) -> tuple[BLTConfig, object]:
@@ -197,6 +208,11 @@ def model_configs(args, preset: dict, preset_name: str) -> tuple[BLTConfig, obje
     flags = {key: getattr(args, key) for key in ("patching", "patch_size") if getattr(args, key) is not None}
     if args.model == "bpe" and args.vocab_size is not None:
         flags = {"vocab_size": args.vocab_size}
+    if getattr(args, "no_hash", False):
+        flags["hash_ngram_sizes"] = []
+    if getattr(args, "hash_ngrams", False):  # the preset BLT's tables; --config hash_buckets=... etc. still apply
+        hashes = {k: getattr(blt_cfg, k) for k in ("hash_ngram_sizes", "hash_buckets", "hash_functions")}
+        flags.update({k: v for k, v in hashes.items() if k not in overrides})
     for key, value in flags.items():
         if key in overrides and overrides[key] != value:
             raise UsageError(f"{FLAG_OF_KEY[key]} {value:{'g' if isinstance(value, float) else ''}} and --config "

@@ -158,20 +158,19 @@ def plot_bpb_vs_flops(runs: dict, path: Path):
 def plot_patches_vs_tokens(lines: dict, noise_increase: dict, path: Path):
     """Paper figure 1 in miniature, and robustness to noise (tools/patches_vs_tokens.py).
 
-    lines: {model: {"label", "flops": [training FLOPs per budget], "bpb": [val BPB per budget], "seeds": [val BPB
-    of each seed at the last budget]}}, all at the same inference FLOPs per byte -> left: BPB against training
-    FLOPs (log x), one line per model, other seeds as open circles. noise_increase: {label: {noise: BPB
-    increase over clean}} -> right: grouped bars."""
+    lines: {model: {"label", "flops": [training FLOPs per budget], "bpb": [mean val BPB per budget], "err": [its
+    standard deviation over seeds]}}, all at the same inference FLOPs per byte -> left: BPB against training
+    FLOPs (log x), one line per model, error bars over seeds. noise_increase: {label: {noise: BPB increase over
+    clean}} -> right: grouped bars."""
     plt = pyplot()
     fig, (ax, bars) = plt.subplots(1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [1.1, 1]})
     for run in lines.values():
-        line, = ax.plot(run["flops"], run["bpb"], "o-", ms=4, label=run["label"])
-        ax.plot([run["flops"][-1]] * (len(run["seeds"]) - 1), run["seeds"][1:], "o", mfc="none",
-                color=line.get_color(), ms=6)
+        ax.errorbar(run["flops"], run["bpb"], yerr=run.get("err"), fmt="o-", ms=4, capsize=3, label=run["label"])
     ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs (paper section 4.5 accounting)")
+    ax.set_xlabel("training FLOPs (paper section 4.5 accounting; BLT's entropy model included)")
     ax.set_ylabel("validation bits per byte")
-    ax.set_title("Fixed inference FLOPs per byte: BPE vs BLT patch sizes\n(open circles: other seeds)", fontsize=10)
+    ax.set_title("Fixed inference FLOPs per byte: BPE vs BLT patch sizes\n(mean over seeds, bars: standard deviation)",
+                 fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     models = list(noise_increase)
@@ -182,7 +181,7 @@ def plot_patches_vs_tokens(lines: dict, noise_increase: dict, path: Path):
                  [noise_increase[model][kind] for kind in kinds], width, label=model)
     bars.set_xticks(range(len(kinds)), kinds, fontsize=8)
     bars.set_ylabel("increase in validation bits per byte")
-    bars.set_title("Robustness: bits per byte on noised text minus clean", fontsize=10)
+    bars.set_title("Noised context, clean continuation: bits per byte minus with clean context", fontsize=10)
     bars.grid(alpha=0.3, axis="y")
     bars.legend(fontsize=7)
     fig.tight_layout()

@@ -26,7 +26,6 @@ import sys
 import threading
 import time
 from contextlib import nullcontext, suppress
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -368,7 +367,7 @@ def start_or_resume(ckpt_path: Path, saved: dict, steps: int, budget, opts) -> d
 def finished_entropy_model(out: Path, entropy_cfg) -> dict:
     """The finished entropy model in OUT/entropy.pt, checked against this run's ByteLMConfig (stages 2 and 3)."""
     ckpt = read_training_checkpoint(out / "entropy.pt")
-    diff = config_difference(ckpt["config"], asdict(entropy_cfg))
+    diff = config_difference(ckpt["config"], entropy_cfg.to_dict())
     if ckpt["kind"] != "entropy" or diff:
         raise CheckpointError(f"{out / 'entropy.pt'} does not match this config's entropy model ({diff}); "
                               f"retrain it with --stage entropy --overwrite")

@@ -340,7 +340,8 @@ def token_flops_per_byte(cfg: TokenLMConfig, bytes_per_token: float, seq_len: in
 
         FL_token = Transf(h, l, m = context, V) / bytes_per_token     (paper eq. 14, once per token)
 
-    seq_len is in TOKENS; the attention context m is min(window, seq_len). Training = 3 x forward
+    seq_len is in TOKENS; the attention context m is min(window, seq_len), the full window per query as for
+    every model (blt.py states the convention). Training = 3 x forward
     (backward = 2 x forward). Embedding lookups are free."""
     context = min(cfg.window or seq_len, seq_len)
     per_token = transformer_flops(cfg.dim, cfg.layers, context, cfg.vocab_size,

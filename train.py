@@ -7,6 +7,8 @@
     python train.py --patching space         # BLT baselines: strided | space | entropy | monotonic
     python train.py --patching learned       # boundaries learned end to end (H-Net), --patch-size bytes per chunk
     python train.py --model byte             # a plain byte-level transformer               -> OUT/byte.pt
+    python train.py --model byte --hash-ngrams   # ... with BLT's hash n-gram embeddings (a control) -> OUT/byte.pt
+    python train.py --no-hash                # BLT without hash n-gram embeddings (a control)
     python train.py --model bpe              # a BPE-token transformer (tokens.py)           -> OUT/bpe.pt
     python train.py --data tinyshakespeare --time-budget 300   # a small corpus under a budget: the small preset
     python train.py --preset smoke           # every stage in under a minute on 2 cores, for trying flags
@@ -290,7 +292,7 @@ def train_model(kind: str, name: str, config, make_model, tc: TrainConfig, steps
                 time_budget: float | None, opts, describe: str, tokens=None) -> dict:
     """Train (or continue, or skip if finished) one model into OUT/name.pt; print its summary."""
     ckpt_path = out / f"{name}.pt"
-    saved = {"kind": kind, "config": asdict(config), "train": asdict(tc), "corpus": corpus.record(),
+    saved = {"kind": kind, "config": config.to_dict(), "train": asdict(tc), "corpus": corpus.record(),
              **(tokens.saved() if tokens else {})}
     resume = start_or_resume(ckpt_path, saved, steps, time_budget, opts)
     if resume is not None and resume["done"]:
@@ -335,7 +337,7 @@ def calibrate(entropy_cfg: ByteLMConfig, blt_cfg: BLTConfig, tc: TrainConfig, co
                                                 max_patch_length=blt_cfg.max_patch_length))
     result = {"scheme": blt_cfg.patching, "target_patch_size": blt_cfg.patch_size, "threshold": theta,
               "patch_size_on_train_sample": achieved, "windows": opts.calibration_windows, "seq_len": tc.seq_len,
-              "max_patch_length": blt_cfg.max_patch_length, "entropy_model": asdict(entropy_cfg),
+              "max_patch_length": blt_cfg.max_patch_length, "entropy_model": entropy_cfg.to_dict(),
               "entropy_model_step": ckpt["step"], "mean_entropy_nats": float(entropies.mean())}
     if DIST.main:  # every process computed the same threshold; one writes it
         atomic_write_text(out / "calibration.json", json.dumps(result, indent=1) + "\n")
@@ -351,7 +353,7 @@ def load_calibration(out: Path, blt_cfg: BLTConfig, entropy_cfg: ByteLMConfig) -
         raise UsageError(f"no threshold in {out}: run --stage calibrate first (or --stage all)")
     cal = read_calibration(path)
     if (cal["scheme"] != blt_cfg.patching or cal["target_patch_size"] != blt_cfg.patch_size
-            or cal["max_patch_length"] != blt_cfg.max_patch_length or cal["entropy_model"] != asdict(entropy_cfg)):
+            or cal["max_patch_length"] != blt_cfg.max_patch_length or cal["entropy_model"] != entropy_cfg.to_dict()):
         raise UsageError(f"{path} was calibrated for {cal['scheme']} patching at {cal['target_patch_size']} bytes "
                          f"per patch; rerun --stage calibrate for {blt_cfg.patching} at {blt_cfg.patch_size}")
     return cal["threshold"]
@@ -387,7 +389,9 @@ def run_stages(args, opts, corpus, out: Path, blt_cfg: BLTConfig, baseline_cfg, 
                     opts, describe)
     if "byte" in stages:
         train_model("byte", "byte", baseline_cfg, baseline_cfg.build, tc, opts.steps, corpus, out, budget_left(), opts,
-                    "plain byte-level transformer (no patches)")
+                    "plain byte-level transformer (no patches)" + (
+                        f" with BLT's hash n-gram embeddings (n = {', '.join(map(str, baseline_cfg.hash_ngram_sizes))})"
+                        if baseline_cfg.hash_ngram_sizes else ""))
     if "bpe" in stages:  # every process trains (or loads) the same tokenizer: deterministic, written atomically
         tokens = prepare_tokens(corpus.train, baseline_cfg.vocab_size, tc.seq_len)
         baseline_cfg.vocab_size = tokens.tokenizer.vocab_size  # fewer ids than asked if pairs ran out

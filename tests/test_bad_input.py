@@ -118,6 +118,8 @@ CASES = [
     Case("byte-model-odd-heads", T, ["--model", "byte", "--config", "dim=100"], "--config dim=100, heads=4"),
     Case("byte-model-with-patching", T, ["--model", "byte", "--patching", "space"], "--patching sets BLT's patches"),
     Case("byte-model-with-stage", T, ["--model", "byte", "--stage", "entropy"], "--stage entropy is a stage of BLT"),
+    Case("hash-ngrams-on-blt", T, ["--hash-ngrams"], "--hash-ngrams adds BLT's hash n-grams to --model byte"),
+    Case("no-hash-on-byte", T, ["--model", "byte", "--no-hash"], "--no-hash turns off BLT's hash n-grams"),
     Case("seq-len-zero", T, ["--seq-len", "0"], "argument --seq-len: '0'"),
     Case("entropy-seq-len-negative", T, ["--entropy-seq-len", "-64"], "argument --entropy-seq-len: '-64'"),
     Case("batch-size-zero", T, ["--batch-size", "0"], "argument --batch-size: '0'"),

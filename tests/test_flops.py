@@ -44,3 +44,22 @@ def test_global_term_falls_as_one_over_patch_size():
     assert abs(no_attention[8] * 8 - no_attention[1]) < 1e-6
     # local terms do not depend on the patch size
     assert flops_per_byte(cfg, 2.0, 64)["forward"]["encoder"] == flops_per_byte(cfg, 8.0, 64)["forward"]["encoder"]
+
+
+def test_blt_training_flops_include_the_entropy_model():
+    """A BLT's training compute with its entropy model = 3 x forward per byte + the entropy model's forward over
+    every training byte + the entropy model's own training (3 x its forward per byte it trained on)."""
+    from blt import blt_training_flops, entropy_training_flops, transformer_flops
+    cfg = tiny_config()
+    f = flops_per_byte(cfg, 4.0, 64)
+    # the entropy model: h=6, 1 layer, window 4, head to 260 logits; swiglu(6) = 16
+    entropy = 2 * 3 * 6 * 16 + 2 * 4 * 36 + 2 * 2 * 6 * 4 + 2 * 6 * 260
+    assert f["entropy_model_forward"] == entropy == transformer_flops(6, 1, 4, 260, 16)
+    assert f["forward_total_with_entropy"] == f["forward_total"] + entropy
+    assert f["train_total_with_entropy"] == 3 * f["forward_total"] + entropy
+    run = blt_training_flops(cfg, 4.0, 64, bytes_seen=1000, entropy_bytes_seen=300)
+    assert run["without_entropy"] == 1000 * f["train_total"]
+    assert run["with_entropy"] == 1000 * (3 * f["forward_total"] + entropy) + 300 * 3 * entropy
+    assert entropy_training_flops(cfg, 300, 64) == 300 * 3 * entropy
+    space = BLTConfig(**{**cfg.to_dict(), "patching": "space"})  # no entropy model, nothing to add
+    assert blt_training_flops(space, 4.0, 64, 1000, 300)["entropy"] == 0

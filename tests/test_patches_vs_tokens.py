@@ -1,12 +1,15 @@
 """The patches-versus-tokens study (tools/patches_vs_tokens.py) end to end in its smoke preset, and its design:
 every model is matched to the BPE model's inference FLOPs per byte."""
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
@@ -34,6 +37,21 @@ def test_experiments_publish_only_the_published_run(flags, published, tmp_path, 
     assert Path(seen["args"].figures) == (REPO / "figures" if published else tmp_path / "out" / "figures")
 
 
+@pytest.mark.parametrize("flags,published", [([], True), (["--quick"], False), (["--preset", "smoke"], False),
+                                             (["--extra-seeds"], False), (["--quick", "--publish"], True)])
+def test_study_publishes_only_the_published_run(flags, published, tmp_path, monkeypatch):
+    """The cpu preset with the default flags rewrites README.md, docs/patches_vs_tokens.md and figures/; --quick
+    (and any other change) writes under --out only, unless given --publish."""
+    seen = {}
+    monkeypatch.setattr(study, "study", lambda args: seen.update(args=args))
+    study.main([*flags, "--out", str(tmp_path / "out")])
+    args = seen["args"]
+    assert (args.readme == str(REPO / "README.md")) == published
+    assert (args.docs == str(REPO / "docs" / "patches_vs_tokens.md")) == published
+    assert Path(args.figures) == (REPO / "figures" if published else tmp_path / "out" / "figures")
+    assert args.preset == ("quick" if "--quick" in flags else "smoke" if "smoke" in flags else "cpu")
+
+
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "text.txt"
@@ -50,15 +68,106 @@ def test_closest_shape_prefers_the_reference_aspect_within_tolerance():
     assert abs(flops(dim, layers) / (12 * 256 * 256 * 8) - 1) <= study.MATCH_TOLERANCE and dim % 32 == 0
 
 
+def crossing_at_equal_steps(xs, a, b):
+    """The study's first crossing rule, kept here to show it wrong: the lines compared budget by budget (at the
+    same STEP), placed at line a's FLOPs."""
+    d = [y - x for x, y in zip(a, b)]
+    for i in range(len(d) - 1):
+        if d[i] * d[i + 1] < 0:
+            t = d[i] / (d[i] - d[i + 1])
+            return math.exp(math.log(xs[i]) + t * (math.log(xs[i + 1]) - math.log(xs[i])))
+    return None
+
+
+def test_crossing_is_at_equal_training_flops():
+    """Two lines straight in log FLOPs: a = 3.0 - 0.2 L and b = 3.3 - 0.35 L (L = ln(FLOPs / 1e12)) cross at
+    L = 2, i.e. 1e12 * e^2 FLOPs. b's runs use 80% of a's FLOPs at the same step, as a BLT below the BPE model's
+    FLOPs would. Interpolating at equal FLOPs finds the crossing; comparing at equal steps misses it by ~70%."""
+    steps = np.array([1, 2, 4, 8, 16])
+    xa, xb = 1e12 * steps, 0.8e12 * steps
+    a, b = 3.0 - 0.2 * np.log(xa / 1e12), 3.3 - 0.35 * np.log(xb / 1e12)
+    truth = 1e12 * math.exp(2.0)
+    assert study.crossing(list(xa), list(a), list(xb), list(b)) == pytest.approx(truth, rel=1e-9)
+    assert study.crossing(list(xb), list(b), list(xa), list(a)) == pytest.approx(truth, rel=1e-9)  # either way round
+    wrong = crossing_at_equal_steps(list(xa), list(a), list(b))
+    assert abs(wrong / truth - 1) > 0.5  # the step-based rule: 1.24e13 instead of 7.39e12
+    assert study.crossing(list(xa), list(a), list(xb), list(a + 1)) is None  # parallel lines never cross
+    assert study.at_flops(list(xa), list(a), truth) == pytest.approx(3.0 - 0.2 * 2.0)
+
+
+def test_validation_pieces_cover_the_split():
+    for n, count, size in [(457_248, 32, 4096), (10_000, 7, 100), (1000, 3, 400), (1000, 5, 300)]:
+        chunks = study.val_chunks(n, count, size)
+        assert chunks[0][0] == 0 and chunks[-1][1] == n  # from the first byte to the last
+        assert all(b0 <= a1 for (_, b0), (a1, _) in zip(chunks, chunks[1:]))  # in order, disjoint
+        if count * size < n:
+            assert len(chunks) == count and all(b - a == size for a, b in chunks)
+            gaps = [a1 - b0 for (_, b0), (a1, _) in zip(chunks, chunks[1:])]
+            assert max(gaps) - min(gaps) <= 1  # spread evenly
+        else:  # the whole split, every byte once
+            assert sum(b - a for a, b in chunks) == n
+
+
+def test_pieces_score_as_the_whole_split():
+    """Pieces that tile the split on window boundaries give exactly train.py's whole-split bits per byte."""
+    from entropy_model import ByteLMConfig
+    from evaluation import evaluate
+    torch.manual_seed(0)
+    cfg = ByteLMConfig(dim=32, layers=1, heads=2, multiple_of=16)
+    model = cfg.build().eval()
+    val = np.frombuffer(bytes(range(256)) * 3, dtype=np.uint8)[:700]
+    whole = evaluate(model, "byte", cfg, val, 50, 4, "fp32", torch.device("cpu"))
+    pieces = study.score(model, "byte", cfg, None, val, study.val_chunks(len(val), 100, 200), 50, 4, "fp32",
+                         torch.device("cpu"))
+    assert pieces["val_bytes"] == whole["val_bytes"] == 700
+    assert pieces["val_bpb"] == pytest.approx(whole["val_bpb"], rel=1e-6)
+
+
+class Favourite(torch.nn.Module):
+    """A model that ignores its input: every position puts logit 8 on one id, 0 elsewhere."""
+
+    def __init__(self, favourite: int, vocab: int = 260):
+        super().__init__()
+        self.favourite, self.vocab = favourite, vocab
+
+    def forward(self, x):
+        logits = torch.zeros(*x.shape, self.vocab)
+        logits[..., self.favourite] = 8.0
+        return logits
+
+
+def test_noised_context_scores_only_the_clean_continuation():
+    """Contexts of bytes the model finds costly, continuations of its favourite byte: the score is exactly the
+    favourite's cost, so no context byte was scored; and a BPE model's scored tokens spell the continuation."""
+    from patching import OFFSET
+    cost = lambda logits, i: -torch.log_softmax(logits, -1)[i].item() / math.log(2)  # noqa: E731
+    pairs = [(b"QQQQ!!zz" * k, b"x" * (3 + k)) for k in range(1, 6)]
+    model = Favourite(ord("x") + OFFSET)
+    out = study.score_continuations(model, "byte", None, pairs, "fp32", torch.device("cpu"), batch_size=2)
+    expected = cost(torch.eye(260)[ord("x") + OFFSET] * 8.0, ord("x") + OFFSET)
+    assert out["val_bytes"] == sum(len(c) for _, c in pairs)
+    assert out["val_bpb"] == pytest.approx(expected, rel=1e-6)
+    from tokens import ByteBPE, train_bpe
+    tok = train_bpe(b"the cat sat on the mat. " * 50, 300)
+    setup = type("Setup", (), {"tokenizer": tok})()
+    pairs = [(b"tHe cAt SAT", b" on the mat."), (b"the mat", b" sat on the cat.")]
+    uniform = study.score_continuations(Favourite(0, tok.vocab_size), "bpe", setup, pairs, "fp32", torch.device("cpu"))
+    n_tokens = sum(len(tok.encode(c)) for _, c in pairs)
+    per_token = cost(torch.eye(tok.vocab_size)[0] * 8.0, 1)  # every scored token is a non-favourite id
+    assert uniform["val_bpb"] == pytest.approx(n_tokens * per_token / sum(len(c) for _, c in pairs), rel=1e-6)
+    assert isinstance(tok, ByteBPE)
+
+
 def test_smoke_study_end_to_end(small_corpus, tmp_path):
     out, figures = tmp_path / "study", tmp_path / "figures"
     env = {**os.environ, "BLT_DATA_DIR": str(tmp_path / "cache")}  # the tokenizer cache stays out of data/
     cmd = [sys.executable, str(REPO / "tools" / "experiments.py"), "--study", "tokens", "--preset", "smoke",
-           "--data", str(small_corpus), "--out", str(out), "--docs", str(tmp_path / "doc.md"), "--readme", str(tmp_path / "readme.md")]
+           "--data", str(small_corpus), "--out", str(out), "--docs", str(tmp_path / "doc.md"), "--readme",
+           str(tmp_path / "readme.md"), "--seeds", "0", "--extra-seeds", "1"]
     for page in ("doc.md", "readme.md"):
-        (tmp_path / page).write_text(f"# title\n\nprose\n\n{study.DOC_START}\nold\n{study.DOC_END}\n\nmore prose\n")
+        (tmp_path / page).write_text(f"# title\n\nprose\n\n{study.DOC_START}\nstale table\n{study.DOC_END}\n\nmore prose\n")
     published = published_files()
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     # a smoke run leaves the repository's published results alone, and says where it wrote
     assert published_files() == published
@@ -70,35 +179,44 @@ def test_smoke_study_end_to_end(small_corpus, tmp_path):
 
     numbers = json.loads((out / "results.json").read_text())
     budgets, models = numbers["budgets"], numbers["design"]["models"]
-    assert list(models) == ["bpe", "byte", "space", "entropy-ps4", "entropy-ps6", "entropy-ps8"]
+    assert list(models) == ["bpe", "byte", "byte-hash", "space", "entropy-ps4", "entropy-ps6", "entropy-ps8", "nohash-ps4"]
     target = numbers["design"]["target_flops_per_byte"]
-    for name, m in models.items():  # matched inference (hence training) FLOPs per byte, by design
+    for name, m in models.items():  # matched inference FLOPs per byte (BLT's entropy model included), by design
         assert abs(m["flops"] / target - 1) <= study.MATCH_TOLERANCE, name
+    assert models["nohash-ps4"]["config"]["hash_ngram_sizes"] == [] and models["entropy-ps4"]["config"]["hash_ngram_sizes"]
+    assert models["byte-hash"]["config"]["hash_ngram_sizes"] == models["entropy-ps4"]["config"]["hash_ngram_sizes"]
     widths = [models[f"entropy-ps{p}"]["config"]["global_dim"] * models[f"entropy-ps{p}"]["config"]["global_layers"]
               for p in (4, 8)]
     assert widths[1] > widths[0]  # a larger patch leaves more FLOPs for the global model
-    # every model at the largest budget, two seeds, on the same validation bytes
-    final = {name: m for name, m in numbers["metrics"].items() if name.endswith(f"-{budgets[-1]}steps-seed0")}
-    assert len(final) == 6 and len({m["val_bytes"] for m in final.values()}) == 1
-    assert len(numbers["metrics"]) == 4 * len(budgets) + 2 + 6  # 4 lines x budgets, byte and space, seed 1 of all
+    # the learning-rate sweep: every model at each rate; the best one is used everywhere
+    assert len(numbers["sweep"]) == len(models) * len(study.PRESETS["smoke"]["lr_factors"])
+    for name, lr in numbers["best_lr"].items():
+        assert numbers["sweep"][f"{name} lr {lr:g}"] == min(v for k, v in numbers["sweep"].items()
+                                                            if k.startswith(name + " lr "))
+    # every model at the largest budget with both seeds, on the same validation bytes
     assert all(len(v["bpb"]) == 2 for v in numbers["matched"].values())
-    # the figure's lines: one per model, one point per budget, training FLOPs increasing
-    for line in numbers["fixed_inference"].values():
-        assert len(line["flops"]) == len(budgets) and line["flops"] == sorted(line["flops"])
-    # robustness: every model, every noise, the clean tokenizer; ALL CAPS shortens BPE tokens
-    assert set(numbers["noise"]) == set(final)
-    bpe_noise = numbers["noise"][f"bpe-{budgets[-1]}steps-seed0"]
-    assert set(bpe_noise) == {"case_flip", "drop", "repeat", "swap", "upper"}
-    assert bpe_noise["upper"]["bytes_per_token"] < final[f"bpe-{budgets[-1]}steps-seed0"]["bytes_per_token"]
+    assert len({v["val_bytes"] for v in numbers["scores"].values()}) == 1
+    # the figure's lines: one per model, one point per budget (mean and spread), training FLOPs increasing,
+    # BLT's with its entropy model above those without
+    for name, line in numbers["fixed_inference"].items():
+        assert len(line["flops"]) == len(line["err"]) == len(budgets) and line["flops"] == sorted(line["flops"])
+        assert all(w > wo for w, wo in zip(line["flops"], line["flops_without"])) == name.startswith("entropy")
+    assert set(numbers["crossings"]) == {"entropy-ps4", "entropy-ps6", "entropy-ps8"}
+    # noise: damage to context (clean and every noise), the whole text noised; ALL CAPS shortens BPE tokens
+    assert all(set(v) == {"clean", "case_flip", "drop", "repeat", "swap", "upper"} for v in numbers["context_noise"].values())
+    bpe_noise = numbers["whole_noise"]["bpe"]
+    assert bpe_noise["upper"]["unit"] < numbers["matched"]["bpe"]["unit"]
 
     text = (out / "results.md").read_text()
-    for heading in ("**Matched training compute**", "**Fixed inference compute**", "**Robustness**", "**Reading**"):
+    for heading in ("**Design**", "**Learning rates**", "**Fixed inference compute**", "**Matched compute**",
+                    "**Noise as damage to context**", "**Noise on the whole text**", "**Reading**"):
         assert heading in text
     assert (figures / "patches_vs_tokens.png").stat().st_size > 10_000
     doc = (tmp_path / "doc.md").read_text()  # only the part between the markers is rewritten
-    assert doc.startswith("# title\n\nprose\n\n") and doc.endswith("\n\nmore prose\n") and "old" not in doc
-    assert "**Matched training compute**" in doc and "](../figures/patches_vs_tokens.png)" in doc
-    readme = (tmp_path / "readme.md").read_text()  # the short version: matched compute, noise, the figure
-    assert readme.startswith("# title\n\nprose\n\n") and readme.endswith("\n\nmore prose\n") and "old" not in readme
-    assert "| BPE transformer |" in readme and "**Robustness**" in readme and "**Fixed inference" not in readme
+    assert doc.startswith("# title\n\nprose\n\n") and doc.endswith("\n\nmore prose\n") and "stale table" not in doc
+    assert "**Matched compute**" in doc and "](../figures/patches_vs_tokens.png)" in doc
+    readme = (tmp_path / "readme.md").read_text()  # the short version: matched compute, noise, the reading, figure
+    assert readme.startswith("# title\n\nprose\n\n") and readme.endswith("\n\nmore prose\n") and "stale table" not in readme
+    assert "| BPE transformer |" in readme and "**Noise as damage to context**" in readme
+    assert "**Fixed inference" not in readme and "1. *Matched compute (paper section 5).*" in readme
     assert "](figures/patches_vs_tokens.png)" in readme

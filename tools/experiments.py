@@ -26,11 +26,16 @@ reused (train.py --resume), so an interrupted experiment continues where it stop
 at a time (runtime.FolderLock).
 """
 import argparse
+import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+# As train.py says: OpenMP threads that spin while they wait make torch many times slower on a machine shared
+# with other work. It must be set before torch loads, and the studies run train.py in this process.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from anywhere: the paper modules live at the top of the repository
