@@ -323,7 +323,8 @@ def learned_flops_per_byte(cfg: BLTConfig, bytes_per_chunk: float, seq_len: int 
         "projections": 2 * ((h_E * D_G if h_E != D_G else 0) + D_G * h_E) / n_p,
     }
     total = sum(forward.values())
-    return {"forward": forward, "forward_total": total, "train_total": 3 * total, "entropy_model_forward": 0.0}
+    return {"forward": forward, "forward_total": total, "train_total": 3 * total, "entropy_model_forward": 0.0,
+            "forward_total_with_entropy": total, "train_total_with_entropy": 3 * total}  # no entropy model
 
 
 def byte_transformer_flops_per_byte(dim: int, layers: int, context: int, multiple_of: int = 256) -> dict:

@@ -179,7 +179,8 @@ def test_smoke_study_end_to_end(small_corpus, tmp_path):
 
     numbers = json.loads((out / "results.json").read_text())
     budgets, models = numbers["budgets"], numbers["design"]["models"]
-    assert list(models) == ["bpe", "byte", "byte-hash", "space", "entropy-ps4", "entropy-ps6", "entropy-ps8", "nohash-ps4"]
+    assert list(models) == ["bpe", "byte", "byte-hash", "space", "entropy-ps4", "entropy-ps6", "entropy-ps8", "nohash-ps4",
+                            "learned-ps4"]
     target = numbers["design"]["target_flops_per_byte"]
     for name, m in models.items():  # matched inference FLOPs per byte (BLT's entropy model included), by design
         assert abs(m["flops"] / target - 1) <= study.MATCH_TOLERANCE, name
@@ -218,5 +219,9 @@ def test_smoke_study_end_to_end(small_corpus, tmp_path):
     readme = (tmp_path / "readme.md").read_text()  # the short version: matched compute, noise, the reading, figure
     assert readme.startswith("# title\n\nprose\n\n") and readme.endswith("\n\nmore prose\n") and "stale table" not in readme
     assert "| BPE transformer |" in readme and "**Noise as damage to context**" in readme
+    # learned boundaries: a row at matched compute, its realised bytes per chunk, and a clause of the reading
+    assert models["learned-ps4"]["config"]["patching"] == "learned" and "learned-ps4" in numbers["matched"]
+    assert 1 < numbers["matched"]["learned-ps4"]["unit"] < 48
+    assert "| BLT learned boundaries (H-Net), target 4 |" in readme and "Learned boundaries (H-Net's" in readme
     assert "**Fixed inference" not in readme and "1. *Matched compute (paper section 5).*" in readme
     assert "](figures/patches_vs_tokens.png)" in readme

@@ -22,6 +22,8 @@ per byte, BLT's entropy model included, are within 5% of the BPE model's:
   space          BLT, space patching
   entropy-psN    BLT, entropy patching at average patch size N (a threshold calibrated to each)
   nohash-psN     BLT entropy-psN without hash n-gram embeddings: a control
+  learned-psN    BLT with learned boundaries (H-Net's dynamic chunking, learned.py), N target bytes per chunk:
+                 the fifth way to cut bytes, its FLOPs matched at the target (the realised size is reported)
 The controls separate the two things BLT adds to a byte transformer: patches (with a global model over
 them) and free n-gram memory. byte -> byte-hash is the n-grams alone; nohash -> entropy is the n-grams within
 BLT; byte -> nohash is patching alone.
@@ -72,7 +74,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import runtime  # noqa: E402
 import train  # noqa: E402
-from blt import (BLT, BLTConfig, blt_training_flops, byte_transformer_flops_per_byte, count_parameters,  # noqa: E402
+from blt import (LEARNED, BLTConfig, blt_training_flops, build_model, byte_transformer_flops_per_byte, count_parameters,  # noqa: E402
                  entropy_training_flops, flops_per_byte)
 from checkpoint import load_checkpoint, read_checkpoint  # noqa: E402
 from data import DataError, get_batch, ids_from_bytes, load_corpus  # noqa: E402
@@ -97,24 +99,24 @@ PRESETS = {
                 lr_factors=(0.5, 1, 2), entropy_steps=300, eval_chunks=32, eval_chunk_bytes=4096,
                 noise_windows=256, head_dim=32, vocab_size=4096, bpe=dict(dim=256, layers=4, heads=4, multiple_of=32),
                 blt=dict(local_dim=64, local_heads=2, encoder_layers=1, decoder_layers=1, local_window=128),
-                byte_multiple_of=32, nohash_patch=4),
+                byte_multiple_of=32, nohash_patch=4, learned_patch=4),
     "quick": dict(base="cpu", data="shakespeare", seq_len=128, batch_size=16, lr=3e-3, budgets=(8, 16, 32, 64, 128),
                   lr_factors=(0.5, 1, 2), entropy_steps=150, eval_chunks=16, eval_chunk_bytes=2048,
                   noise_windows=64, head_dim=16, vocab_size=1024, bpe=dict(dim=128, layers=3, heads=4, multiple_of=32),
                   blt=dict(entropy_dim=32, entropy_layers=1, entropy_heads=2, entropy_window=32, local_dim=32,
                            local_heads=2, encoder_layers=1, decoder_layers=1, local_window=64, hash_buckets=2048),
-                  byte_multiple_of=16, nohash_patch=4),
+                  byte_multiple_of=16, nohash_patch=4, learned_patch=4),
     "gpu": dict(base="gpu", data="enwik8", seq_len=1024, batch_size=64, lr=4e-4, budgets=(500, 1000, 2000, 4000, 8000),
                 lr_factors=(0.5, 1, 2), entropy_steps=3000, eval_chunks=64, eval_chunk_bytes=1 << 15,
                 noise_windows=1024, head_dim=64, vocab_size=4096,
                 bpe=dict(dim=768, layers=12, heads=12, multiple_of=256), byte_multiple_of=256,
-                blt=dict(local_dim=256, local_heads=4, decoder_layers=1), nohash_patch=4),
+                blt=dict(local_dim=256, local_heads=4, decoder_layers=1), nohash_patch=4, learned_patch=4),
     "smoke": dict(base="cpu", data="shakespeare", seq_len=48, batch_size=4, lr=2e-3, budgets=(2, 4),  # tests only
                   lr_factors=(1, 2), entropy_steps=3, eval_chunks=3, eval_chunk_bytes=256, noise_windows=4,
                   head_dim=8, vocab_size=320, bpe=dict(dim=64, layers=2, heads=2, multiple_of=16), byte_multiple_of=16,
                   blt=dict(entropy_dim=16, entropy_layers=1, entropy_heads=1, entropy_window=16, local_dim=16,
                            local_heads=1, decoder_layers=1, local_window=48, hash_buckets=64, multiple_of=16),
-                  nohash_patch=4),
+                  nohash_patch=4, learned_patch=4),
 }
 MATCH_TOLERANCE = 0.05  # a shape whose FLOPs per byte are within 5% of the target counts as matched
 CURVE = "bpe"  # with the entropy-psN models: the lines of the figure
@@ -171,6 +173,7 @@ def design(s: dict, corpus, vocab_size: int, patch_sizes: list[float]) -> dict:
     space_size = average_patch_size(patch_lengths(x, "space"))
     blts = [("space", "space", space_size, True)] + [(f"entropy-ps{p:g}", "entropy", p, True) for p in patch_sizes]
     blts += [(f"nohash-ps{s['nohash_patch']:g}", "entropy", s["nohash_patch"], False)]
+    blts += [(f"learned-ps{s['learned_patch']:g}", LEARNED, s["learned_patch"], True)]
     for name, scheme, size, hashes in blts:
         def blt_cfg(d, l, scheme=scheme, size=size, hashes=hashes):
             return BLTConfig.from_dict({**base.to_dict(), "patching": scheme, "global_dim": d, "global_layers": l,
@@ -190,7 +193,7 @@ def design(s: dict, corpus, vocab_size: int, patch_sizes: list[float]) -> dict:
                             flops=f["forward_total_with_entropy"], flops_without_entropy=f["forward_total"],
                             global_share=f["forward"]["global"] / f["forward_total_with_entropy"],
                             flags=["--stage", "blt", "--patching", scheme]
-                            + (["--patch-size", f"{size:g}"] if scheme == "entropy" else [])
+                            + (["--patch-size", f"{size:g}"] if scheme in ("entropy", LEARNED) else [])
                             + ([] if hashes else ["--no-hash"])
                             + [f for k, v in {**s["blt"], **glob}.items() for f in ("--config", f"{k}={v}")])
     entropy_cfg = BLTConfig.from_dict({**base.to_dict(), "patching": "entropy"})
@@ -205,9 +208,9 @@ def parameters(kind: str, config: dict) -> dict:
     """Parameter counts: the model without hash tables or entropy model, and those two apart."""
     with torch.device("meta"):
         if kind == "blt":
-            c = count_parameters(BLT(BLTConfig.from_dict(config)))
+            c = count_parameters(build_model(BLTConfig.from_dict(config)))  # BLT, or LearnedBLT
             return {"model": c["encoder"] + c["global_transformer"] + c["decoder"], "hash": c["hash_embeddings"],
-                    "entropy": c["entropy_model"]}
+                    "entropy": c.get("entropy_model", 0)}
         model = TokenLMConfig(**config).build() if kind == "bpe" else ByteLMConfig(**config).build()
     hashes = sum(p.numel() for p in getattr(model, "hash_embeddings", torch.nn.ModuleList()).parameters())
     return {"model": sum(p.numel() for p in model.parameters()) - hashes, "hash": hashes, "entropy": 0}
@@ -288,6 +291,10 @@ class Runner:
 CHECKPOINT = {"bpe": "bpe.pt", "byte": "byte.pt", "byte-hash": "byte.pt", "space": "blt_space.pt"}  # else blt_entropy.pt
 
 
+def checkpoint_name(model: str) -> str:
+    return "blt_learned.pt" if model.startswith("learned") else CHECKPOINT.get(model, "blt_entropy.pt")
+
+
 def prepare_entropy(runner: Runner, s: dict, patch_sizes: list[float], nohash_patch: float):
     """The entropy model (trained once), then one threshold per patch size, shared by every run with it."""
     out = runner.out
@@ -311,7 +318,7 @@ def train_job(runner: Runner, plan: dict, job: tuple) -> Path:
             if not (folder / f).exists():
                 shutil.copy(calibration / f, folder / f)
     runner.train(folder, *plan["models"][model]["flags"], "--seed", str(seed), steps=steps, lr=lr)
-    return folder / CHECKPOINT.get(model, "blt_entropy.pt")
+    return folder / checkpoint_name(model)
 
 
 # ---- scoring: windows across the whole validation split ----
@@ -376,7 +383,11 @@ def score_continuations(model, kind: str, tokens, pairs: list[tuple[bytes, bytes
             x[i, :len(r) - 1] = r[:-1]
             y[i, start:len(r) - 1] = r[start + 1:]
         x, y = x.to(device), y.to(device)
-        lengths = model.patch(x) if kind == "blt" else None
+        learned = kind == "blt" and model.cfg.patching == LEARNED
+        lengths = model.patch(x) if kind == "blt" and not learned else None
+        if learned:  # chunks that start inside each row's context (BOS included, as for patches)
+            b = model.boundaries(x)  # (B, T)
+            context_units += sum(int(b[i, :start + 1].sum()) for i, start in enumerate(starts))
         if lengths is not None:  # patches that start inside each row's context: the context's patch count
             starts_t = torch.tensor(starts, device=device)[:, None]
             begins = lengths.cumsum(1) - lengths  # (B, P) first position of each patch
@@ -487,6 +498,8 @@ LABELS = {"bpe": "BPE transformer", "byte": "byte transformer", "byte-hash": "by
 def label(model: str) -> str:
     if model.startswith("nohash"):
         return f"BLT entropy, patch {model.removeprefix('nohash-ps')}, no hash n-grams"
+    if model.startswith("learned"):
+        return f"BLT learned boundaries (H-Net), target {model.removeprefix('learned-ps')}"
     return LABELS.get(model) or f"BLT entropy, patch {model.removeprefix('entropy-ps')}"
 
 
@@ -695,6 +708,12 @@ def reading_sentences(plan, patch_sizes, matched, curve, crossings, ctx_inc, s) 
            "free n-gram memory: patching carries it." if survives else ", so at this scale BLT's standing against "
            "BPE rests on the free n-gram memory, not on patching alone.")
            + " (Within seed noise: under twice the larger standard deviation over seeds.)")
+    learned = next((n for n in matched if n.startswith("learned")), None)
+    if learned:  # the fifth way to cut bytes, against entropy patching at the same target size
+        twin_l = f"entropy-ps{learned.removeprefix('learned-ps')}"
+        d_l, s_l = gap(learned, twin_l) if twin_l in matched else gap(learned, best)
+        one += (f" Learned boundaries (H-Net's dynamic chunking, target {learned.removeprefix('learned-ps')} bytes per "
+                f"chunk) end {versus(d_l, s_l)} {label(twin_l if twin_l in matched else best)}.")
     ref = curve["bpe"]
     parts, crossed = [], False
     for n in blts:
