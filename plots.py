@@ -4,6 +4,8 @@
     plot_entropies      per-byte entropy with the global threshold and patch starts, paper figure 4 (sample.py)
     draw_schemes        one sentence under the four patching schemes, paper figure 3 (tools/figures.py)
     draw_histograms     patch-size histograms per scheme (tools/figures.py)
+    plot_learned_training  learned boundaries over training: bits per byte against BLT's, and the realised
+                        bytes per chunk against the target (tools/figures.py)
     plot_bpb_vs_flops   validation bits per byte against training FLOPs, paper figure 1's axes (tools/experiments.py)
     plot_patches_vs_tokens  BPE vs BLT at fixed inference FLOPs, and robustness to noise (tools/patches_vs_tokens.py)
 
@@ -67,6 +69,43 @@ def plot_curves(jsonl_paths: list[Path], png: Path, title: str):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.suptitle(title)
+    fig.tight_layout()
+    save(fig, png, dpi=110)
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_learned_training(learned_log: Path, png: Path, target: float, other_log: Path | None = None):
+    """A learned-boundary run (train.py --patching learned) over training -> PNG: left, train and validation
+    bits per byte against steps, beside another run's (other_log, e.g. BLT with entropy patching); right, the
+    realised bytes per chunk against the ratio loss's target."""
+    plt = pyplot()
+    fig, (ax_bpb, ax_chunk) = plt.subplots(1, 2, figsize=(11, 4))
+    for path, name in ((learned_log, "learned boundaries"), (other_log, None)):
+        if path is None:
+            continue
+        records = read_log(path)
+        train = [r for r in records if r["type"] == "train"]
+        evals = [r for r in records if r["type"] == "eval"]
+        name = name or Path(path).stem
+        line, = ax_bpb.plot([r["step"] for r in train], [r["bpb"] for r in train], alpha=0.35, lw=1)
+        if evals:
+            ax_bpb.plot([r["step"] for r in evals], [r["val_bpb"] for r in evals], "o-", color=line.get_color(), ms=3,
+                        label=f"{name} (val {evals[-1]['val_bpb']:.3f})")
+        chunks = [r for r in train if "bytes_per_chunk" in r]
+        if chunks:
+            ax_chunk.plot([r["step"] for r in chunks], [r["bytes_per_chunk"] for r in chunks], color=line.get_color(),
+                          label=f"{name}: realised bytes per chunk")
+    ax_chunk.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:g}")
+    ax_bpb.set_ylabel("bits per byte (faint: train, dots: validation)")
+    ax_bpb.set_ylim(top=min(ax_bpb.get_ylim()[1], 6))
+    ax_chunk.set_ylabel("bytes per chunk")
+    for ax in (ax_bpb, ax_chunk):
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     save(fig, png, dpi=110)
 

@@ -12,6 +12,9 @@ writes
   entropy.png           per-byte entropy of the sentence, the global threshold and the patch starts
                         (paper figure 4)
   patch_sizes.png       patch-size histograms per scheme on the validation split (with --data)
+  learned_training.png  with --learned-checkpoint: that run's bits per byte over training beside the
+                        --checkpoint's run (their .jsonl logs, next to the checkpoints), and its realised bytes
+                        per chunk against the target
 
 The entropy model and the global threshold come from the checkpoint. The monotonic threshold is calibrated
 here on the same text so that it gives the same average patch size as the global one; the strided patch size
@@ -28,7 +31,7 @@ sys.path.insert(0, str(ROOT))  # run from anywhere: the paper modules live at th
 import torch
 
 from checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from plots import draw_histograms, draw_schemes, plot_entropies  # noqa: E402
+from plots import draw_histograms, draw_schemes, plot_entropies, plot_learned_training  # noqa: E402
 from sample import load_blt  # noqa: E402
 from patching import ( average_patch_size, calibrate_threshold, entropy_patch_starts, lengths_from_starts,
                       limit_patch_length, patch_lengths, tokenize)
@@ -108,6 +111,14 @@ def main(argv=None):
     starts[(global_lengths[0].cumsum(0) - global_lengths[0])] = True
     plot_entropies(Path(args.out) / "entropy.png", tokens[0].tolist(), H[0].tolist(), starts.tolist(), theta_g, False)
     print(f"wrote {args.out}/patching_schemes.png and {args.out}/entropy.png")
+    if learned is not None:
+        log, other = Path(args.learned_checkpoint).with_suffix(".jsonl"), Path(args.checkpoint).with_suffix(".jsonl")
+        if log.is_file():
+            plot_learned_training(log, Path(args.out) / "learned_training.png", learned.cfg.patch_size,
+                                  other if other.is_file() else None)
+            print(f"wrote {args.out}/learned_training.png")
+        else:
+            print(f"no {log}: learned_training.png not drawn")
 
     if args.data:
         from data import DataError, eval_windows, load_corpus
