@@ -270,8 +270,8 @@ def train_loop(task: Task, corpus, run: Run, opts) -> dict:
         scaler.unscale_(optimizer)  # fp16: the true gradients, before clipping
         torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
         scaler.step(optimizer)  # optimizer.step(); fp16: skipped if a gradient overflowed
-        scaler.update()
         # --- end solution ---
+        scaler.update()  # fp16: the next step's loss scale (a no-op otherwise)
         step += 1
         progress = run.progress(step)  # the same on every process, which also agree on a pending Ctrl-C
         last = progress >= 1.0

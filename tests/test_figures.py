@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import train
 
@@ -32,6 +33,7 @@ def test_figures_with_learned_boundaries(runs, tmp_path, capsys):
     figures.main(["--checkpoint", str(out / "blt_entropy.pt"), "--learned-checkpoint", str(out / "blt_learned.pt"),
                   "--data", str(corpus), "--val-bytes", "2048", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
+    assert torch.is_grad_enabled()  # no global switch left behind for the tests that follow
     for name in ("patching_schemes.png", "entropy.png", "patch_sizes.png", "learned_training.png"):
         assert (tmp_path / name).stat().st_size > 5_000, name
         assert name in printed

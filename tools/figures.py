@@ -73,6 +73,7 @@ def load_learned(path: str):
     return model
 
 
+@torch.no_grad()  # pictures only: and, called from Python, no global switch left behind
 def main(argv=None):
     p = argparse.ArgumentParser(description="Draw the patching pictures from a trained BLT checkpoint.")
     p.add_argument("--checkpoint", required=True, help="a BLT checkpoint with entropy patching (train.py)")
@@ -93,7 +94,6 @@ def main(argv=None):
     if model.entropy_model is None or cfg.entropy_threshold is None:
         sys.exit("error: the checkpoint has no entropy model; train one with entropy patching (train.py)")
     os.makedirs(args.out, exist_ok=True)
-    torch.set_grad_enabled(False)
 
     text = args.text.encode()
     tokens = torch.tensor([tokenize(text)])
