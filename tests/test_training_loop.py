@@ -4,7 +4,6 @@ through train.py as a user runs it. Every test here grades lesson 8 (exercises.m
 `python -m pytest -m lesson8`); they need lessons 1-7."""
 import json
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -82,7 +81,7 @@ def test_train_loop_follows_the_recipe(corpus_file, tmp_path, monkeypatch):
     ckpt = read_checkpoint(tmp_path / "byte.pt")
     tc = TrainConfig(**ckpt["train"])
     assert tc.grad_clip == GRAD_CLIP and tc.dtype == "fp32" and tc.batch_size == 4 and tc.weight_decay > 0
-    assert ckpt["config"] == asdict(BYTE_MODEL) and ckpt["step"] == STEPS
+    assert ckpt["config"] == BYTE_MODEL.to_dict() and ckpt["step"] == STEPS
 
     losses, lrs, norms, weights = reference_recipe(load_corpus(str(corpus_file)).train, tc, STEPS)
     assert min(norms) > 2 * GRAD_CLIP, norms  # clipping changed every step
