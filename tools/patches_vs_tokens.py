@@ -2,7 +2,7 @@
 controls that say where BLT's advantage comes from, from one command.
 
     python tools/experiments.py --study tokens                 # CPU preset (about 2.5 hours on 2 idle cores)
-    python tools/experiments.py --study tokens --quick         # the same study, smaller (under 20 minutes)
+    python tools/experiments.py --study tokens --quick         # the same study, smaller (about 20 minutes)
     python tools/experiments.py --study tokens --plan          # the models, FLOPs, runs and time; train nothing
     python tools/experiments.py --study tokens --preset gpu    # one GPU: larger models, enwik8
     python tools/patches_vs_tokens.py ...                      # the same, without the dispatcher
