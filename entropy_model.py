@@ -26,6 +26,8 @@ from encoder import hash_ngram_ids
 from layers import KVCache, RMSNorm, TransformerBlock, causal_mask, compute_dtype, rope_cos_sin, swiglu_hidden_dim
 from patching import VOCAB_SIZE
 
+HASH_INIT_STD = 0.02  # the byte model's hash n-gram tables (a control only): blt.init_weights' std
+
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Shannon entropy in nats of softmax(logits) over the last axis. (..., V) -> (...)."""
@@ -136,10 +138,13 @@ class EntropyModel(nn.Module):
         self.tok_embeddings = nn.Embedding(VOCAB_SIZE, dim)
         # the attribute names of encoder.LocalEncoder, so that incremental.NewestByteEmbedding serves both
         self.hash_sizes, self.hash_buckets, self.hash_functions = tuple(hash_ngram_sizes), hash_buckets, hash_functions
-        # one table per (hash function, n), in LocalEncoder's order; initialised as the byte table beside it
-        # (nn.Embedding's default), so bytes and n-grams start at the same scale, as in BLT (init_weights)
+        # one table per (hash function, n), in LocalEncoder's order, initialised as BLT's are (blt.init_weights,
+        # Normal(0, 0.02)): at nn.Embedding's Normal(0, 1) the tables start as noise several times the byte
+        # embedding, and at the learning rate BLT's tables learn with, Adam moves them too little to unlearn it
         self.hash_embeddings = nn.ModuleList(
             nn.Embedding(hash_buckets, dim) for _ in range(hash_functions * len(self.hash_sizes)))
+        for table in self.hash_embeddings:
+            nn.init.normal_(table.weight, mean=0.0, std=HASH_INIT_STD)
         hidden = swiglu_hidden_dim(dim, multiple_of)
         self.layers = nn.ModuleList(TransformerBlock(dim, n_heads, hidden, eps, dropout, window=window)
                                     for _ in range(n_layers))
