@@ -42,6 +42,16 @@ def test_byte_model_hash_ids_are_blts():
         assert torch.equal(enc.embed(tokens)[..., 0].long(), rows), i
 
 
+def test_byte_model_hash_tables_start_as_blts():
+    """The control's tables start at BLT's scale (blt.init_weights, std 0.02), not nn.Embedding's Normal(0, 1),
+    which would add noise several times the byte embedding that the study's budgets cannot unlearn."""
+    torch.manual_seed(0)
+    blt, byte = blt_and_byte_model()
+    for mine, theirs in zip(byte.hash_embeddings, blt.encoder.hash_embeddings):
+        assert abs(mine.weight.std().item() - theirs.weight.std().item()) < 0.002
+        assert abs(mine.weight.std().item() - 0.02) < 0.002
+
+
 def test_byte_model_with_hashes_generates_as_it_recomputes():
     torch.manual_seed(1)
     _, byte = blt_and_byte_model()
