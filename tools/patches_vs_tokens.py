@@ -95,12 +95,12 @@ DOC_START, DOC_END = "<!-- patches-vs-tokens:start -->", "<!-- patches-vs-tokens
 # so that the global model takes most of BLT's FLOPs, as at the paper's scale. head_dim: the width step of
 # the shapes designed here. sec_per_step: seconds per training step on 2 idle cores (measured, see --plan).
 PRESETS = {
-    "cpu": dict(base="cpu", data="shakespeare", seq_len=256, batch_size=32, lr=2e-3, budgets=(16, 32, 64, 128, 256),
+    "cpu": dict(base="cpu", data="shakespeare", seq_len=256, batch_size=16, lr=2e-3, budgets=(8, 16, 32, 64, 128),
                 lr_factors=(0.5, 1, 2), entropy_steps=300, eval_chunks=32, eval_chunk_bytes=4096,
                 noise_windows=256, head_dim=32, vocab_size=4096, bpe=dict(dim=256, layers=4, heads=4, multiple_of=32),
                 blt=dict(local_dim=64, local_heads=2, encoder_layers=1, decoder_layers=1, local_window=128),
                 byte_multiple_of=32, nohash_patch=4, learned_patch=4),
-    "quick": dict(base="cpu", data="shakespeare", seq_len=128, batch_size=16, lr=3e-3, budgets=(8, 16, 32, 64, 128),
+    "quick": dict(base="cpu", data="shakespeare", seq_len=128, batch_size=16, lr=3e-3, budgets=(4, 8, 16, 32, 64),
                   lr_factors=(0.5, 1, 2), entropy_steps=150, eval_chunks=16, eval_chunk_bytes=2048,
                   noise_windows=64, head_dim=16, vocab_size=1024, bpe=dict(dim=128, layers=3, heads=4, multiple_of=32),
                   blt=dict(entropy_dim=32, entropy_layers=1, entropy_heads=2, entropy_window=32, local_dim=32,
@@ -815,15 +815,12 @@ def main(argv=None):
         sys.exit(f"error: {e}")
 
 
-# Seconds per training step on 2 idle cores, per preset and model kind, for --plan's estimate. Measured on a
-# 2-core machine shared with 3 other jobs (load 6-11): each model's process CPU time per step (7 steps, the
-# last 5 timed; BLT's includes patching with its entropy model), scaled by one factor so that the BPE model of
-# the cpu preset, whose idle step time is known (0.75 s: the published run of the study's previous design, the
-# same model and batch), gets that time: factor 0.75 / 2.81 s of CPU time. Wall times under that load were
-# 5-8 s per step, 7-10x the idle estimate, too noisy to scale directly. overhead_s: train.py's set-up,
-# checkpoints and final evaluation, per run; score_s: scoring one run on the validation pieces.
-SEC_PER_STEP = {"cpu": {"bpe": 0.75, "byte": 0.81, "blt": 0.79, "overhead_s": 3.0, "score_s": 5.0, "entropy_s": 90},
-                "quick": {"bpe": 0.056, "byte": 0.071, "blt": 0.08, "overhead_s": 1.5, "score_s": 1.0, "entropy_s": 15},
+# Seconds per training step on 2 idle cores, per preset and model kind, for --plan's estimate: the wall-clock
+# step times of the study's own runs on a 2-core AVX2 machine without native bf16 (fp32), read from
+# OUT/experiments.log (a machine with native bf16 runs them about twice as fast). overhead_s: train.py's
+# set-up, checkpoints and final evaluation, per run; score_s: scoring one run on the validation pieces.
+SEC_PER_STEP = {"cpu": {"bpe": 0.96, "byte": 1.05, "blt": 1.15, "overhead_s": 4.0, "score_s": 10.0, "entropy_s": 110},
+                "quick": {"bpe": 0.12, "byte": 0.14, "blt": 0.25, "overhead_s": 1.5, "score_s": 1.5, "entropy_s": 15},
                 "gpu": {"bpe": 0.05, "byte": 0.05, "blt": 0.08, "overhead_s": 20.0, "score_s": 5.0, "entropy_s": 200},
                 "smoke": {"bpe": 0.01, "byte": 0.01, "blt": 0.02, "overhead_s": 0.5, "score_s": 0.1, "entropy_s": 1}}
 
