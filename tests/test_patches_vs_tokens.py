@@ -95,6 +95,15 @@ def test_crossing_is_at_equal_training_flops():
     assert study.at_flops(list(xa), list(a), truth) == pytest.approx(3.0 - 0.2 * 2.0)
 
 
+def test_an_edge_best_learning_rate_gets_one_more_beyond_it():
+    sweep = {("inside", 1e-3): 3.0, ("inside", 2e-3): 2.0, ("inside", 4e-3): 2.5,
+             ("top", 1e-3): 3.0, ("top", 2e-3): 2.0, ("bottom", 1e-3): 1.0, ("bottom", 2e-3): 2.0}
+    assert study.edge_learning_rates(sweep) == [("top", 4e-3), ("bottom", 5e-4)]
+    assert study.edge_learning_rates({k: v for k, v in sweep.items() if k[0] == "inside"}) == []
+    # run folders name the rate exactly: 1.6e-2 is not 2e-2
+    assert [study.lr_name(x) for x in (2e-3, 8e-3, 1.6e-2, 1.5e-3)] == ["2e-3", "8e-3", "1.6e-2", "1.5e-3"]
+
+
 def test_validation_pieces_cover_the_split():
     for n, count, size in [(457_248, 32, 4096), (10_000, 7, 100), (1000, 3, 400), (1000, 5, 300)]:
         chunks = study.val_chunks(n, count, size)
@@ -189,11 +198,15 @@ def test_smoke_study_end_to_end(small_corpus, tmp_path):
     widths = [models[f"entropy-ps{p}"]["config"]["global_dim"] * models[f"entropy-ps{p}"]["config"]["global_layers"]
               for p in (4, 8)]
     assert widths[1] > widths[0]  # a larger patch leaves more FLOPs for the global model
-    # the learning-rate sweep: every model at each rate; the best one is used everywhere
-    assert len(numbers["sweep"]) == len(models) * len(study.PRESETS["smoke"]["lr_factors"])
-    for name, lr in numbers["best_lr"].items():
-        assert numbers["sweep"][f"{name} lr {lr:g}"] == min(v for k, v in numbers["sweep"].items()
-                                                            if k.startswith(name + " lr "))
+    # the learning-rate sweep: every model at each rate, one more beyond an edge best (up to lr_extend); the
+    # best one is used everywhere
+    factors, extend = study.PRESETS["smoke"]["lr_factors"], study.PRESETS["smoke"]["lr_extend"]
+    for name in models:
+        tried = {float(k.split(" lr ")[1]): v for k, v in numbers["sweep"].items() if k.split(" lr ")[0] == name}
+        assert len(factors) <= len(tried) <= len(factors) + extend, name
+        best = numbers["best_lr"][name]
+        assert tried[best] == min(tried.values()), name
+        assert min(tried) < best < max(tried) or len(tried) == len(factors) + extend, name
     # every model at the largest budget with both seeds, on the same validation bytes
     assert all(len(v["bpb"]) == 2 for v in numbers["matched"].values())
     assert len({v["val_bytes"] for v in numbers["scores"].values()}) == 1

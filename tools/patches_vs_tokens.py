@@ -29,8 +29,9 @@ them) and free n-gram memory. byte -> byte-hash is the n-grams alone; nohash -> 
 BLT; byte -> nohash is patching alone.
 
 The study, in the order it runs:
-1. Learning rates: every model at the middle budget with 3 peak learning rates (the preset's, half and
-   double), seed 0; each model then trains at its best one everywhere.
+1. Learning rates: every model at the middle budget with 3 peak learning rates (the preset's lr times
+   lr_factors), seed 0, and one more beyond an edge best (up to lr_extend times: edge_learning_rates); each
+   model then trains at its best one everywhere.
 2. Fixed inference compute (paper figure 1): BPE and BLT entropy at each patch size, at 5 training budgets
    spanning 16x, 2 seeds at each (3 at the largest); val BPB against training FLOPs, the mean and its seed
    spread, and where the lines cross at equal training FLOPs (interpolated in log FLOPs: crossing()).
@@ -95,24 +96,25 @@ DOC_START, DOC_END = "<!-- patches-vs-tokens:start -->", "<!-- patches-vs-tokens
 # so that the global model takes most of BLT's FLOPs, as at the paper's scale. head_dim: the width step of
 # the shapes designed here. sec_per_step: seconds per training step on 2 idle cores (measured, see --plan).
 PRESETS = {
+    # cpu: lr_factors at (0.5, 1, 2) made every model's best the largest, 4e-3
     "cpu": dict(base="cpu", data="shakespeare", seq_len=256, batch_size=16, lr=2e-3, budgets=(8, 16, 32, 64, 128),
-                lr_factors=(0.5, 1, 2), entropy_steps=300, eval_chunks=32, eval_chunk_bytes=4096,
+                lr_factors=(1, 2, 4), lr_extend=2, entropy_steps=300, eval_chunks=32, eval_chunk_bytes=4096,
                 noise_windows=256, head_dim=32, vocab_size=4096, bpe=dict(dim=256, layers=4, heads=4, multiple_of=32),
                 blt=dict(local_dim=64, local_heads=2, encoder_layers=1, decoder_layers=1, local_window=128),
                 byte_multiple_of=32, nohash_patch=4, learned_patch=4),
     "quick": dict(base="cpu", data="shakespeare", seq_len=128, batch_size=16, lr=3e-3, budgets=(4, 8, 16, 32, 64),
-                  lr_factors=(0.5, 1, 2), entropy_steps=150, eval_chunks=16, eval_chunk_bytes=2048,
+                  lr_factors=(0.5, 1, 2), lr_extend=1, entropy_steps=150, eval_chunks=16, eval_chunk_bytes=2048,
                   noise_windows=64, head_dim=16, vocab_size=1024, bpe=dict(dim=128, layers=3, heads=4, multiple_of=32),
                   blt=dict(entropy_dim=32, entropy_layers=1, entropy_heads=2, entropy_window=32, local_dim=32,
                            local_heads=2, encoder_layers=1, decoder_layers=1, local_window=64, hash_buckets=2048),
                   byte_multiple_of=16, nohash_patch=4, learned_patch=4),
     "gpu": dict(base="gpu", data="enwik8", seq_len=1024, batch_size=64, lr=4e-4, budgets=(500, 1000, 2000, 4000, 8000),
-                lr_factors=(0.5, 1, 2), entropy_steps=3000, eval_chunks=64, eval_chunk_bytes=1 << 15,
+                lr_factors=(0.5, 1, 2), lr_extend=1, entropy_steps=3000, eval_chunks=64, eval_chunk_bytes=1 << 15,
                 noise_windows=1024, head_dim=64, vocab_size=4096,
                 bpe=dict(dim=768, layers=12, heads=12, multiple_of=256), byte_multiple_of=256,
                 blt=dict(local_dim=256, local_heads=4, decoder_layers=1), nohash_patch=4, learned_patch=4),
     "smoke": dict(base="cpu", data="shakespeare", seq_len=48, batch_size=4, lr=2e-3, budgets=(2, 4),  # tests only
-                  lr_factors=(1, 2), entropy_steps=3, eval_chunks=3, eval_chunk_bytes=256, noise_windows=4,
+                  lr_factors=(1, 2), lr_extend=1, entropy_steps=3, eval_chunks=3, eval_chunk_bytes=256, noise_windows=4,
                   head_dim=8, vocab_size=320, bpe=dict(dim=64, layers=2, heads=2, multiple_of=16), byte_multiple_of=16,
                   blt=dict(entropy_dim=16, entropy_layers=1, entropy_heads=1, entropy_window=16, local_dim=16,
                            local_heads=1, decoder_layers=1, local_window=48, hash_buckets=64, multiple_of=16),
@@ -219,7 +221,8 @@ def parameters(kind: str, config: dict) -> dict:
 # ---- the runs ----
 
 def lr_name(lr: float) -> str:
-    return f"{lr:.0e}".replace("e-0", "e-")
+    short = f"{lr:.0e}"  # 2e-03 -> 2e-3; one more digit where it would round (1.6e-2, not 2e-2)
+    return (short if float(short) == lr else f"{lr:.1e}").replace("e-0", "e-")
 
 
 def run_name(model: str, steps: int, seed: int, lr: float) -> str:
@@ -230,6 +233,20 @@ def sweep_jobs(models: list[str], s: dict, seed: int) -> list[tuple]:
     """Part 1: (model, steps, seed, lr) of the learning-rate sweep, at the middle budget."""
     middle = s["budgets"][len(s["budgets"]) // 2]
     return [(m, middle, seed, s["lr"] * f) for m in models for f in s["lr_factors"]]
+
+
+def edge_learning_rates(sweep: dict) -> list[tuple[str, float]]:
+    """The next learning rate to try for every model whose best in sweep {(model, lr): val BPB} lies at an edge
+    of what it tried: double the largest, or half the smallest; [] when every best is inside its range."""
+    more = []
+    for m in dict.fromkeys(model for model, _ in sweep):
+        tried = sorted(lr for model, lr in sweep if model == m)
+        best = min(tried, key=lambda lr: sweep[(m, lr)])
+        if best == tried[-1]:
+            more.append((m, best * 2))
+        elif best == tried[0]:
+            more.append((m, best / 2))
+    return more
 
 
 def main_jobs(models: list[str], s: dict, seeds: list[int], extra_seeds: list[int], patch_sizes: list[float],
@@ -566,13 +583,16 @@ def report(plan, s, args, seeds, extra, patch_sizes, sweep, best_lr, runs, score
     design_table = lines[-len(models) - 2:]
 
     # learning rates
-    lrs = [s["lr"] * f for f in s["lr_factors"]]
+    lrs = sorted({lr for _, lr in sweep})
     middle = budgets[len(budgets) // 2]
+    edge = [label(m) for m in models if best_lr[m] in (min(lr for n, lr in sweep if n == m), max(lr for n, lr in sweep if n == m))]
     lines += ["", f"**Learning rates**: val BPB of every model at the middle budget ({middle} steps, seed {seeds[0]}) "
-              f"with three peak learning rates; each model trains at its best one (bold) everywhere.", "",
+              f"with three peak learning rates, and where a model's best was at an edge of what it had tried, one "
+              f"more beyond it (up to {s['lr_extend']}); each model trains at its best one (bold) everywhere."
+              + (f" Still at an edge: {', '.join(edge)}." if edge else ""), "",
               "| model | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
     for name in models:
-        cells = [f"{sweep[(name, lr)]:.3f}" for lr in lrs]
+        cells = [f"{sweep[(name, lr)]:.3f}" if (name, lr) in sweep else "" for lr in lrs]
         cells = [f"**{c}**" if lr == best_lr[name] else c for c, lr in zip(cells, lrs)]
         lines.append(f"| {label(name)} | " + " | ".join(cells) + " |")
 
@@ -869,8 +889,13 @@ def study(args):
     for job in sweep_jobs(list(plan["models"]), s, seeds[0]):
         runs[job] = train_job(runner, plan, job)
     sweep = {(m, lr): scores.clean(runs[(m, b, sd, lr)])["val_bpb"] for m, b, sd, lr in runs}
-    lrs = [s["lr"] * f for f in s["lr_factors"]]
-    best_lr = {m: min(lrs, key=lambda lr: sweep[(m, lr)]) for m in plan["models"]}
+    middle = s["budgets"][len(s["budgets"]) // 2]
+    for _ in range(s["lr_extend"]):  # a best at the edge of the range: one more rate beyond it, so that it is bracketed
+        for m, lr in edge_learning_rates(sweep):
+            job = (m, middle, seeds[0], lr)
+            runs[job] = train_job(runner, plan, job)
+            sweep[(m, lr)] = scores.clean(runs[job])["val_bpb"]
+    best_lr = {m: min((lr for model, lr in sweep if model == m), key=lambda lr: sweep[(m, lr)]) for m in plan["models"]}
     swept = dict(runs)
     runs = {}
     for job in main_jobs(list(plan["models"]), s, seeds, extra, args.patch_sizes, best_lr):
