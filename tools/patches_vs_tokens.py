@@ -875,11 +875,14 @@ def study(args):
     scoring = t["runs"] * rates["score_s"] + len(plan["models"]) * 8 * rates["score_s"]
     overhead = t["runs"] * rates["overhead_s"]
     total = t["sweep_s"] + t["main_s"] + scoring + overhead + rates["entropy_s"]
+    middle = s["budgets"][len(s["budgets"]) // 2]
+    extension = sum(middle * m["sec_per_step"] + rates["overhead_s"] + rates["score_s"] for m in plan["models"].values())
     where = "one GPU" if args.preset == "gpu" else "2 idle CPU cores"
     print(f"runs: {t['runs']} ({t['steps']:,} training steps); estimated on {where}: learning-rate sweep "
           f"{t['sweep_s'] / 60:.0f} min, curve and matched compute {t['main_s'] / 60:.0f} min, per-run set-up "
           f"{overhead / 60:.0f} min, scoring and noise {scoring / 60:.0f} min, entropy model and calibration "
-          f"{rates['entropy_s'] / 60:.1f} min: {total / 60:.0f} min in all")
+          f"{rates['entropy_s'] / 60:.1f} min: {total / 60:.0f} min in all, and up to {extension / 60:.0f} more for each "
+          f"round of the sweep's extension (one more learning rate where a best is at an edge; up to {s['lr_extend']})")
     if args.plan:
         return
     runner = Runner(out, s, data, args.preset)
