@@ -1,8 +1,8 @@
 """Patches versus tokens: the paper's title experiment (figure 1, sections 5-6) at small scale, with the
 controls that say where BLT's advantage comes from, from one command.
 
-    python tools/experiments.py --study tokens                 # CPU preset (about 2.5 hours on 2 idle cores)
-    python tools/experiments.py --study tokens --quick         # the same study, smaller (about 20 minutes)
+    python tools/experiments.py --study tokens                 # CPU preset (about 2.5 hours on 2 cores)
+    python tools/experiments.py --study tokens --quick         # the same study, smaller (about 15 minutes)
     python tools/experiments.py --study tokens --plan          # the models, FLOPs, runs and time; train nothing
     python tools/experiments.py --study tokens --preset gpu    # one GPU: larger models, enwik8
     python tools/patches_vs_tokens.py ...                      # the same, without the dispatcher
@@ -679,7 +679,7 @@ def report(plan, s, args, seeds, extra, patch_sizes, sweep, best_lr, runs, score
     # the reading
     reading = reading_sentences(plan, patch_sizes, matched, curve, crossings, ctx_inc, s)
     lines += ["", "**Reading** (generated from the numbers above):", ""] + [f"{i + 1}. {r}" for i, r in enumerate(reading)]
-    short = first + noise_context[1:] + ["", "What these numbers say against the paper (generated from them):", ""] \
+    short = first + noise_context + ["", "What these numbers say against the paper (generated from them):", ""] \
         + [f"{i + 1}. {r}" for i, r in enumerate(reading)]
     data = {"design": plan, "sweep": {f"{m} lr {lr:g}": v for (m, lr), v in sweep.items()}, "best_lr": best_lr,
             "scores": {run_name(*job): clean[job] for job in runs}, "matched": matched, "fixed_inference": curve,
@@ -839,7 +839,7 @@ def main(argv=None):
 # step times of the study's own runs on a 2-core AVX2 machine without native bf16 (fp32), read from
 # OUT/experiments.log (a machine with native bf16 runs them about twice as fast). overhead_s: train.py's
 # set-up, checkpoints and final evaluation, per run; score_s: scoring one run on the validation pieces.
-SEC_PER_STEP = {"cpu": {"bpe": 0.96, "byte": 1.05, "blt": 1.15, "overhead_s": 4.0, "score_s": 10.0, "entropy_s": 110},
+SEC_PER_STEP = {"cpu": {"bpe": 0.91, "byte": 1.07, "blt": 1.15, "overhead_s": 1.5, "score_s": 10.0, "entropy_s": 110},
                 "quick": {"bpe": 0.12, "byte": 0.14, "blt": 0.25, "overhead_s": 1.5, "score_s": 1.5, "entropy_s": 15},
                 "gpu": {"bpe": 0.05, "byte": 0.05, "blt": 0.08, "overhead_s": 20.0, "score_s": 5.0, "entropy_s": 200},
                 "smoke": {"bpe": 0.01, "byte": 0.01, "blt": 0.02, "overhead_s": 0.5, "score_s": 0.1, "entropy_s": 1}}
