@@ -585,7 +585,7 @@ def report(plan, s, args, seeds, extra, patch_sizes, sweep, best_lr, runs, score
     # learning rates
     lrs = sorted({lr for _, lr in sweep})
     middle = budgets[len(budgets) // 2]
-    edge = [label(m) for m in models if best_lr[m] in (min(lr for n, lr in sweep if n == m), max(lr for n, lr in sweep if n == m))]
+    edge = [label(m) for m, _ in edge_learning_rates(sweep)]  # bests the extension could not bracket
     lines += ["", f"**Learning rates**: val BPB of every model at the middle budget ({middle} steps, seed {seeds[0]}) "
               f"with three peak learning rates, and where a model's best was at an edge of what it had tried, one "
               f"more beyond it (up to {s['lr_extend']}); each model trains at its best one (bold) everywhere."
