@@ -45,9 +45,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean_square = x.pow(2).mean(dim=-1, keepdim=True, dtype=torch.float32)  # (..., 1) float32
         dtype = compute_dtype(x)
-        return (x * torch.rsqrt(mean_square + self.eps).to(x.dtype)).to(dtype) * self.weight.to(dtype)
+        return self.normalise(x) * self.weight.to(dtype)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """x / rms(x) without the weight, for a linear layer that folds the weight into its matrix (one pass
+        over the activations fewer: W (w * x) = (W diag(w)) x, see TransformerBlock)."""
+        mean_square = x.pow(2).mean(dim=-1, keepdim=True, dtype=torch.float32)  # (..., 1) float32
+        return (x * torch.rsqrt(mean_square + self.eps).to(x.dtype)).to(compute_dtype(x))
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
@@ -67,13 +72,19 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, Dh); cos, sin: (T, Dh) or (B, T, Dh). (x_2i, x_2i+1) -> rotation of that pair.
-    Computed in x's dtype (the tables are cast if they differ, a no-op when made with rope_cos_sin(dtype))."""
-    if cos.dim() == 3:
-        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, Dh) to broadcast over heads
-    pairs = x.unflatten(-1, (-1, 2))  # (B, H, T, Dh/2, 2)
+    """x: (B, T, n, H, Dh), n projections rotated alike (the queries and the keys, side by side); cos, sin:
+    (T, Dh) or (B, T, Dh). (x_2i, x_2i+1) -> rotation of that pair by its angle.
+
+    In float32 each pair is one complex number and the rotation one complex product (two passes over x fewer
+    than the real form, which stays for bf16: PyTorch has no bf16 complex type). Computed in x's dtype (the
+    tables are cast if they differ, a no-op when made with rope_cos_sin(dtype))."""
+    cos, sin = (c[..., None, None, :].to(x.dtype) for c in (cos, sin))  # (B or 1, T, 1, 1, Dh): over n and heads
+    pairs = x.unflatten(-1, (-1, 2))  # (B, T, n, H, Dh/2, 2)
+    if x.dtype in (torch.float32, torch.float64):
+        rotation = torch.complex(cos[..., ::2], sin[..., ::2])  # e^(i angle), (.., Dh/2)
+        return torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2)
     rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)  # (-x_2i+1, x_2i)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    return x * cos + rotated * sin
 
 
 def _explicit_math(q: torch.Tensor) -> bool:
@@ -262,12 +273,17 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x, mask, cos, sin, cache: KVCache | None = None, positions=None):
+    def forward(self, x, mask, cos, sin, cache: KVCache | None = None, positions=None, norm_weight=None):
         """x: (B, T, D); mask: (B or 1, 1, T, T) bool. With a cache, x holds the next T positions
-        (`positions`, shape (T,)) and the causal sliding-window mask over cached keys is built here."""
+        (`positions`, shape (T,)) and the causal sliding-window mask over cached keys is built here.
+        norm_weight: (D,), the weight of the RMSNorm that x comes out of (without it), if any."""
         B, T, D = x.shape
-        q, k, v = (w(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, Dh)
+        weight = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])  # (3D, D): one product, not three
+        if norm_weight is not None:
+            weight = weight * norm_weight  # the RMSNorm's weight, folded (see TransformerBlock)
+        qkv = F.linear(x, weight).view(B, T, 3, self.n_heads, self.head_dim)
+        q, k = apply_rope(qkv[:, :, :2], cos, sin).transpose(1, 3).unbind(2)  # (B, H, T, Dh) each
+        v = qkv[:, :, 2].transpose(1, 2)  # (B, H, T, Dh)
         out = None
         if cache is not None:
             k, v, key_positions = cache.update(k, v, positions)  # (B, H, S, Dh), S = kept + T
@@ -291,8 +307,13 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
 
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    def forward(self, x, norm_weight=None):
+        """x: (B, T, D) -> (B, T, D). norm_weight: as in Attention.forward."""
+        weight = torch.cat([self.w1.weight, self.w3.weight])  # (2F, D): one product, not two
+        if norm_weight is not None:
+            weight = weight * norm_weight
+        gate, up = F.linear(x, weight).chunk(2, dim=-1)  # (B, T, F) each
+        return self.w2(F.silu(gate) * up)
 
 
 def swiglu_hidden_dim(dim: int, multiple_of: int = 256) -> int:
@@ -317,8 +338,12 @@ class TransformerBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x, mask, cos, sin, cache: KVCache | None = None, positions=None):
-        x = x + self.dropout(self.attention(self.attention_norm(x), mask, cos, sin, cache, positions))
-        return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
+        # Each norm's weight is folded into the matrix that reads its output, W (w * x) = (W diag(w)) x: the
+        # same function as attention(attention_norm(x)), with one pass over the activations fewer.
+        h = self.attention(self.attention_norm.normalise(x), mask, cos, sin, cache, positions,
+                           norm_weight=self.attention_norm.weight)
+        x = x + self.dropout(h)
+        return x + self.dropout(self.feed_forward(self.ffn_norm.normalise(x), norm_weight=self.ffn_norm.weight))
 
 
 class CrossAttention(nn.Module):

@@ -308,6 +308,6 @@ def test_no_float32_round_trips_under_bf16_autocast():
         assert cos.dtype == sin.dtype == torch.bfloat16
         normed = block.attention_norm(x)
         assert normed.dtype == torch.bfloat16
-        q = block.attention.wq(normed).view(2, 10, 4, 8).transpose(1, 2)
+        q = block.attention.wq(normed).view(2, 10, 1, 4, 8)  # (B, T, n, H, Dh)
         assert layers.apply_rope(q, cos, sin).dtype == torch.bfloat16
     assert layers.compute_dtype(x) == torch.float32

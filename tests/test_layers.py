@@ -32,7 +32,7 @@ def test_causal_window_mask():
 
 def test_rope_is_relative_and_interleaved():
     torch.manual_seed(0)
-    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+    q, k = torch.randn(1, 1, 1, 1, 16), torch.randn(1, 1, 1, 1, 16)  # (B, T, n, H, Dh)
 
     def score(i, j):
         ci, si = rope_cos_sin(torch.tensor([i]), 16, 10000.0)
@@ -41,11 +41,53 @@ def test_rope_is_relative_and_interleaved():
 
     assert torch.allclose(score(3, 1), score(10, 8), atol=1e-4)  # depends on i - j only
     # pair (x0, x1) rotates by angle = position at frequency 1: (1, 0) at position 1 -> (cos 1, sin 1)
-    x = torch.zeros(1, 1, 1, 16)
+    x = torch.zeros(1, 1, 1, 1, 16)
     x[..., 0] = 1.0
     c, s = rope_cos_sin(torch.tensor([1]), 16, 10000.0)
-    y = apply_rope(x, c, s)[0, 0, 0]
+    y = apply_rope(x, c, s)[0, 0, 0, 0]
     assert torch.allclose(y[:2], torch.tensor([math.cos(1.0), math.sin(1.0)]), atol=1e-6)
+
+
+def test_rope_complex_product_equals_the_real_rotation():
+    """float32 rotates pairs as complex numbers, bf16 with the real formula: the same rotation, per batch row
+    too ((B, T, Dh) tables), and gradients flow through both."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 2, 3, 8, dtype=torch.float64, requires_grad=True)  # (B, T, n, H, Dh)
+    cos, sin = rope_cos_sin(torch.randint(0, 50, (2, 5)), 8, 10000.0, torch.float64)  # (B, T, Dh)
+    pairs = x.unflatten(-1, (-1, 2))
+    real = torch.stack([pairs[..., 0] * cos[:, :, None, None, ::2] - pairs[..., 1] * sin[:, :, None, None, ::2],
+                        pairs[..., 0] * sin[:, :, None, None, ::2] + pairs[..., 1] * cos[:, :, None, None, ::2]],
+                       dim=-1).flatten(-2)
+    out = apply_rope(x, cos, sin)
+    assert torch.allclose(out, real, atol=1e-12)
+    (grad,) = torch.autograd.grad((out * torch.arange(out.numel()).view_as(out)).sum(), x)
+    (expected,) = torch.autograd.grad((real * torch.arange(real.numel()).view_as(real)).sum(), x)
+    assert torch.allclose(grad, expected, atol=1e-9)
+    bf16 = apply_rope(x.detach().bfloat16(), cos.bfloat16(), sin.bfloat16())  # the real path
+    assert bf16.dtype == torch.bfloat16 and torch.allclose(bf16.double(), real, atol=0.1)
+
+
+def test_a_block_with_folded_norm_weights_computes_the_unfolded_block():
+    """TransformerBlock folds each RMSNorm's weight into the fused matrix that reads it; the result equals the
+    block written out with every module applied on its own: norm, then wq, wk, wv, then w1, w3, w2."""
+    torch.manual_seed(0)
+    block = TransformerBlock(32, 4, 64).double()
+    for norm in (block.attention_norm, block.ffn_norm):
+        torch.nn.init.uniform_(norm.weight, 0.5, 1.5)  # not all ones, or folding them would change nothing
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    pos = torch.arange(9)
+    cos, sin = rope_cos_sin(pos, 8, 10000.0, torch.float64)
+    mask = causal_mask(pos, pos)
+    a = block.attention
+    h = block.attention_norm(x)
+    q, k, v = (w(h).view(2, 9, 1, 4, 8) for w in (a.wq, a.wk, a.wv))
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k, v = (t[:, :, 0].transpose(1, 2) for t in (q, k, v))  # (B, H, T, Dh)
+    x1 = x + a.wo(naive_attention(q, k, v, mask).transpose(1, 2).reshape(2, 9, 32))
+    f = block.feed_forward
+    h = block.ffn_norm(x1)
+    expected = x1 + f.w2(torch.nn.functional.silu(f.w1(h)) * f.w3(h))
+    assert torch.allclose(block(x, mask, cos, sin), expected, atol=1e-10)
 
 
 def test_kv_cache_with_sliding_window_matches_full_forward():
