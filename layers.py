@@ -75,12 +75,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x: (B, T, n, H, Dh), n projections rotated alike (the queries and the keys, side by side); cos, sin:
     (T, Dh) or (B, T, Dh). (x_2i, x_2i+1) -> rotation of that pair by its angle.
 
-    In float32 each pair is one complex number and the rotation one complex product (two passes over x fewer
-    than the real form, which stays for bf16: PyTorch has no bf16 complex type). Computed in x's dtype (the
-    tables are cast if they differ, a no-op when made with rope_cos_sin(dtype))."""
+    In eager float32 each pair is one complex number and the rotation one complex product (two passes over x
+    fewer than the real form). The real form stays for bf16 (PyTorch has no bf16 complex type) and under
+    torch.compile (inductor fuses it, but not complex products). Computed in x's dtype (the tables are cast if
+    they differ, a no-op when made with rope_cos_sin(dtype))."""
     cos, sin = (c[..., None, None, :].to(x.dtype) for c in (cos, sin))  # (B or 1, T, 1, 1, Dh): over n and heads
     pairs = x.unflatten(-1, (-1, 2))  # (B, T, n, H, Dh/2, 2)
-    if x.dtype in (torch.float32, torch.float64):
+    if x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling():
         rotation = torch.complex(cos[..., ::2], sin[..., ::2])  # e^(i angle), (.., Dh/2)
         return torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2)
     rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)  # (-x_2i+1, x_2i)
@@ -211,7 +212,7 @@ def attend_few_queries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index:
         top = top.masked_fill(top == float("-inf"), 0.0)  # a query without an allowed pair
     e = torch.exp(scores - top[rows])  # (B*T*n, H): 0 where forbidden, 1 at each query's max
     total = torch.zeros_like(top).index_add(0, rows, e)  # (B*Q, H): >= 1 for a query with a key, else 0
-    values = e[..., None] * v[:, :, None].expand(B, T, n, H, Dh).reshape(B * T * n, H, Dh)
+    values = (e.view(B, T, n, H, 1) * v[:, :, None]).view(B * T * n, H, Dh)  # each pair's value, weighted
     out = torch.zeros(B * Q, H, Dh, dtype=values.dtype, device=q.device).index_add(0, rows, values)
     return (out / total.clamp(min=1.0)[..., None]).view(B, Q, H, Dh)
 
@@ -386,9 +387,10 @@ class CrossAttention(nn.Module):
             raise ValueError("pairs need exactly one of keys_per_query (each query's keys) and queries_per_key")
         B, T, D = queries.shape
         S, H, Dh = keys_values.shape[1], self.n_heads, self.head_dim
-        q = self.wq(self.query_norm(queries)).view(B, T, H, Dh)
-        kv = self.kv_norm(keys_values)
-        k, v = self.wk(kv).view(B, S, H, Dh), self.wv(kv).view(B, S, H, Dh)
+        # As in TransformerBlock, each norm's weight is folded into the matrix that reads it; k and v are one product.
+        q = F.linear(self.query_norm.normalise(queries), self.wq.weight * self.query_norm.weight).view(B, T, H, Dh)
+        wkv = torch.cat([self.wk.weight, self.wv.weight]) * self.kv_norm.weight  # (2D, D)
+        k, v = F.linear(self.kv_norm.normalise(keys_values), wkv).view(B, S, 2, H, Dh).unbind(2)  # (B, S, H, Dh) each
         if mask is not None:
             mask = mask.expand(B, 1, T, S)[:, 0]  # (B, T, S)
         out = None
