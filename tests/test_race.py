@@ -120,6 +120,24 @@ def test_bench_trains_the_bpe_model_on_real_text():
     assert trainer.flops_per_byte() > 0
 
 
+def test_bench_skip_costs_keep_the_global_backward_and_undo_their_stand_ins(monkeypatch):
+    """bench_train --race's cost of BLT's own parts: the stand-ins are undone afterwards, and the cross-attention's
+    stand-in still reads the global transformer, so that its backward (not the part's) stays in the step."""
+    import bench_train
+    import layers
+    original = layers.CrossAttention.forward
+    r = bench_train.skip_costs("smoke", "fp32", steps=1)
+    assert layers.CrossAttention.forward is original
+    assert set(r["parts"]) == set(bench_train.SKIPS) and all(-1 < share < 1 for share in r["parts"].values())
+    trainer = bench_train.Trainer("smoke", "blt", "fp32")
+    _, _, method, stand_in = next(v for k, v in bench_train.SKIPS.items() if k.startswith("cross-attentions"))
+    monkeypatch.setattr(layers.CrossAttention, method, stand_in)
+    trainer.step(0)
+    model = trainer.task.model
+    assert all(p.grad is not None for p in model.global_transformer.parameters())
+    assert all(p.grad is None for p in model.decoder.cross_attn.parameters())  # the part itself is gone
+
+
 def test_small_preset_patches_by_spaces_only_where_spaces_cut_words(tmp_path, capsys):
     """Space patching cuts Cyrillic (or Chinese) text into a patch per character: there the small preset
     patches with a stride instead, and says so; on English it keeps space patching."""

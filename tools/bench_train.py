@@ -27,7 +27,9 @@ how many graphs were compiled for the patch counts seen: one, since the patch di
 `--race` times the models tools/race.py trains, as their plain commands configure them on a small corpus
 (the small preset for BLT and the BPE and byte transformers; BLT with the cpu preset), in one process taking
 turns step by step in the machine's default dtype, with each step split into forward, backward, and clipping +
-AdamW, and the achieved FLOP/s of BLT over the BPE transformer's and the byte transformer's.
+AdamW, and the achieved FLOP/s of BLT over the BPE transformer's and the byte transformer's. Then BLT's forward
+part by part, and what BLT's own parts (its cross-attentions, its hash n-gram embeddings) cost in whole steps,
+backward included: the step taken in turns with and without the part (skip_costs).
 
 The byte models read random bytes, except where the patching depends on the text (space patching): they and
 the BPE model read this repository's own text (bench_text), so nothing is downloaded.
@@ -337,10 +339,54 @@ def print_breakdown(r: dict):
           f"is in the encoder's pooling, the global transformer and the decoder's own code)")
 
 
+SKIPS = {  # BLT's own parts, each replaced by the cheapest stand-in of its output's shape: (module, class, method,
+    #         stand-in). The cross-attention's keeps its keys and values in the graph (x 0): without them the
+    #         decoder would not read the global transformer, and its backward would be skipped too.
+    "cross-attentions (3: the encoder's pooling, 2 in the decoder)":
+        ("layers", "CrossAttention", "forward", lambda self, queries, keys_values, *args, **kwargs:
+         queries + 0.0 * keys_values.sum()),
+    "hash n-gram embeddings": ("encoder", "LocalEncoder", "embed", lambda self, tokens: self.tok_embeddings(tokens)),
+}
+
+
+def skip_costs(preset_name: str, dtype: str, steps: int) -> dict:
+    """What BLT's own parts cost in whole training steps, forward, backward and AdamW together (the forward
+    breakdown times only the forward): one BLT steps in turns as it is and with one part stood in for (SKIPS),
+    and a part's share of the step is 1 - the median of the paired step-time ratios. The model with a part
+    stood in is not trained for anything; it only measures the part's time."""
+    import importlib
+    trainer = Trainer(preset_name, "blt", dtype, compiled=False)
+    ratios, full = {part: [] for part in SKIPS}, []
+    for i in range(steps + 2):
+        for part, (module, cls, method, stand_in) in SKIPS.items():
+            owner = getattr(importlib.import_module(module), cls)
+            seconds = trainer.step(i)
+            original = getattr(owner, method)
+            setattr(owner, method, stand_in)
+            try:
+                skipped = trainer.step(i)
+            finally:
+                setattr(owner, method, original)
+            if i >= 2:
+                ratios[part].append(skipped / seconds)
+                full.append(seconds)
+    step_s = float(np.median(full))
+    return {"dtype": dtype, "step_s": step_s,
+            "parts": {part: 1 - float(np.median(r)) for part, r in ratios.items()}}
+
+
+def print_skip_costs(r: dict):
+    print(f"\nBLT's own parts in whole training steps (forward, backward, AdamW), {r['dtype']}: each stood in for, "
+          f"taking turns with the full step ({r['step_s']:.3f} s):")
+    for part, share in r["parts"].items():
+        print(f"  {part:60s} {share:6.1%} of the step, {share * r['step_s'] * 1e3:5.0f} ms")
+
+
 def run_child(preset: str, model: str, dtype: str, steps: int, compiled: bool) -> dict:
     """measure() in a fresh process (its own peak memory, its own compilation), or, for model "turns",
     alternate() over the specs in dtype ("blt:bf16,byte:bf16"); raises with its last error line."""
-    mode = {"turns": ["--turns", preset, dtype], "breakdown": ["--breakdown", preset, dtype]}.get(
+    mode = {"turns": ["--turns", preset, dtype], "breakdown": ["--breakdown", preset, dtype],
+            "skips": ["--skips", preset, dtype]}.get(
         model, ["--one", preset, model, dtype])
     cmd = [sys.executable, os.path.abspath(__file__), *mode, "--steps", str(steps),
            "--compile" if compiled else "--no-compile"]
@@ -360,6 +406,7 @@ def main(argv=None):
     p.add_argument("--one", nargs=3, metavar=("PRESET", "MODEL", "DTYPE"), help=argparse.SUPPRESS)  # a child run
     p.add_argument("--turns", nargs=2, metavar=("PRESET", "SPECS"), help=argparse.SUPPRESS)  # a child run
     p.add_argument("--breakdown", nargs=2, metavar=("PRESET", "DTYPE"), help=argparse.SUPPRESS)  # a child run
+    p.add_argument("--skips", nargs=2, metavar=("PRESET", "DTYPE"), help=argparse.SUPPRESS)  # a child run
     p.add_argument("--race", action="store_true", help="only the models of tools/race.py taking turns (cpu), in the "
                    "default dtype of this machine, then BLT's forward part by part")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="with --race (default: bf16 where native)")
@@ -375,6 +422,9 @@ def main(argv=None):
     if args.breakdown:
         print(json.dumps(breakdown(*args.breakdown, steps=args.steps or 5)))
         return
+    if args.skips:
+        print(json.dumps(skip_costs(*args.skips, steps=args.steps or 5)))
+        return
     if args.race or args.race_child:
         from runtime import default_dtype
         dtype = args.dtype or default_dtype(torch.device("cpu"))
@@ -388,6 +438,7 @@ def main(argv=None):
             sys.exit(f"error: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
         print_race(json.loads(result.stdout.strip().splitlines()[-1]), dtype, steps)
         print_breakdown(run_child("small", "breakdown", dtype, steps, False))
+        print_skip_costs(run_child("small", "skips", dtype, steps, False))
         return
     if args.turns:
         preset, specs = args.turns
