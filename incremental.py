@@ -25,19 +25,20 @@ import torch
 import torch.nn.functional as F
 
 from encoder import HASH_PRIMES
-from layers import RMSNorm, rope_cos_sin
+from layers import RMSNorm, fused_weight, rope_cos_sin
 
 
 def normalise(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """x / rms(x): layers.RMSNorm without its weight (folded into the next matrix), for float32 x; eps is a
+    """x / rms(x): layers.RMSNorm.normalise (its weight folded into the next matrix), for float32 x; eps is a
     0-d tensor. rms(x)^2 = |x|^2 / D + eps, from the vector norm: fewer small kernels than mean(x^2)."""
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     return x * torch.addcmul(eps, norm, norm, value=1 / x.shape[-1]).rsqrt_()
 
 
 def folded(norm: RMSNorm, *linears) -> torch.Tensor:
-    """The (D_in, D_out) matrix M with normalise(x) @ M = torch.cat([l(norm(x)) for l in linears], -1)."""
-    return (torch.cat([l.weight for l in linears]) * norm.weight).t().contiguous().detach()
+    """The (D_in, D_out) matrix M with normalise(x) @ M = torch.cat([l(norm(x)) for l in linears], -1):
+    layers.fused_weight, transposed for one-row products."""
+    return fused_weight(linears, norm.weight).t().contiguous().detach()
 
 
 def epsilon(norm: RMSNorm) -> torch.Tensor:

@@ -55,6 +55,14 @@ class RMSNorm(nn.Module):
         return (x * torch.rsqrt(mean_square + self.eps).to(x.dtype)).to(compute_dtype(x))
 
 
+def fused_weight(linears, norm_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The weights of bias-free linear layers that read the same input, stacked (sum of D_out, D_in): one product
+    gives all their outputs side by side. norm_weight: (D_in,), the weight of the RMSNorm that the input comes
+    out of, folded in, W (w * x) = (W diag(w)) x: then the input is norm.normalise(x), one pass fewer."""
+    weight = torch.cat([linear.weight for linear in linears]) if len(linears) > 1 else linears[0].weight
+    return weight if norm_weight is None else weight * norm_weight
+
+
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotation angles for RoPE. positions: (..., T) -> cos, sin: (..., T, Dh) in `dtype`.
@@ -279,9 +287,7 @@ class Attention(nn.Module):
         (`positions`, shape (T,)) and the causal sliding-window mask over cached keys is built here.
         norm_weight: (D,), the weight of the RMSNorm that x comes out of (without it), if any."""
         B, T, D = x.shape
-        weight = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])  # (3D, D): one product, not three
-        if norm_weight is not None:
-            weight = weight * norm_weight  # the RMSNorm's weight, folded (see TransformerBlock)
+        weight = fused_weight((self.wq, self.wk, self.wv), norm_weight)  # (3D, D): one product, not three
         qkv = F.linear(x, weight).view(B, T, 3, self.n_heads, self.head_dim)
         q, k = apply_rope(qkv[:, :, :2], cos, sin).transpose(1, 3).unbind(2)  # (B, H, T, Dh) each
         v = qkv[:, :, 2].transpose(1, 2)  # (B, H, T, Dh)
@@ -310,10 +316,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x, norm_weight=None):
         """x: (B, T, D) -> (B, T, D). norm_weight: as in Attention.forward."""
-        weight = torch.cat([self.w1.weight, self.w3.weight])  # (2F, D): one product, not two
-        if norm_weight is not None:
-            weight = weight * norm_weight
-        gate, up = F.linear(x, weight).chunk(2, dim=-1)  # (B, T, F) each
+        gate, up = F.linear(x, fused_weight((self.w1, self.w3), norm_weight)).chunk(2, dim=-1)  # (B, T, F) each
         return self.w2(F.silu(gate) * up)
 
 
@@ -388,8 +391,8 @@ class CrossAttention(nn.Module):
         B, T, D = queries.shape
         S, H, Dh = keys_values.shape[1], self.n_heads, self.head_dim
         # As in TransformerBlock, each norm's weight is folded into the matrix that reads it; k and v are one product.
-        q = F.linear(self.query_norm.normalise(queries), self.wq.weight * self.query_norm.weight).view(B, T, H, Dh)
-        wkv = torch.cat([self.wk.weight, self.wv.weight]) * self.kv_norm.weight  # (2D, D)
+        wq, wkv = fused_weight((self.wq,), self.query_norm.weight), fused_weight((self.wk, self.wv), self.kv_norm.weight)
+        q = F.linear(self.query_norm.normalise(queries), wq).view(B, T, H, Dh)
         k, v = F.linear(self.kv_norm.normalise(keys_values), wkv).view(B, S, 2, H, Dh).unbind(2)  # (B, S, H, Dh) each
         if mask is not None:
             mask = mask.expand(B, 1, T, S)[:, 0]  # (B, T, S)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from layers import KVCache, TransformerBlock, apply_rope, attend, causal_mask, rope_cos_sin
+from layers import CrossAttention, KVCache, TransformerBlock, apply_rope, attend, causal_mask, rope_cos_sin
 
 
 def naive_attention(q, k, v, mask):
@@ -88,6 +88,23 @@ def test_a_block_with_folded_norm_weights_computes_the_unfolded_block():
     h = block.ffn_norm(x1)
     expected = x1 + f.w2(torch.nn.functional.silu(f.w1(h)) * f.w3(h))
     assert torch.allclose(block(x, mask, cos, sin), expected, atol=1e-10)
+
+
+def test_cross_attention_with_folded_norm_weights_computes_the_unfolded_one():
+    """CrossAttention folds its query and key/value norms' weights into wq and into the stacked wk|wv; the result
+    equals norm, then each projection on its own, masked attention, wo, plus the queries (the released quirk)."""
+    torch.manual_seed(0)
+    cross = CrossAttention(16, 2).double()
+    for norm in (cross.query_norm, cross.kv_norm):
+        torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+    queries, keys_values = torch.randn(2, 5, 16, dtype=torch.float64), torch.randn(2, 7, 16, dtype=torch.float64)
+    mask = torch.rand(2, 1, 5, 7) > 0.5
+    mask[..., 0] = True  # every query reads at least one key
+    q = cross.wq(cross.query_norm(queries)).view(2, 5, 2, 8).transpose(1, 2)
+    kv = cross.kv_norm(keys_values)
+    k, v = (w(kv).view(2, 7, 2, 8).transpose(1, 2) for w in (cross.wk, cross.wv))
+    expected = cross.wo(naive_attention(q, k, v, mask).transpose(1, 2).reshape(2, 5, 16)) + queries
+    assert torch.allclose(cross(queries, keys_values, mask), expected, atol=1e-10)
 
 
 def test_kv_cache_with_sliding_window_matches_full_forward():

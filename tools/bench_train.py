@@ -51,7 +51,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from blt import BLTConfig, byte_transformer_flops_per_byte, flops_per_byte  # noqa: E402
+from encoder import LocalEncoder  # noqa: E402
 from entropy_model import ByteLMConfig  # noqa: E402
+from layers import CrossAttention  # noqa: E402
 from runtime import compiled_graphs  # noqa: E402
 
 
@@ -339,13 +341,13 @@ def print_breakdown(r: dict):
           f"is in the encoder's pooling, the global transformer and the decoder's own code)")
 
 
-SKIPS = {  # BLT's own parts, each replaced by the cheapest stand-in of its output's shape: (module, class, method,
-    #         stand-in). The cross-attention's keeps its keys and values in the graph (x 0): without them the
-    #         decoder would not read the global transformer, and its backward would be skipped too.
+SKIPS = {  # BLT's own parts, each replaced by the cheapest stand-in of its output's shape: (class, method, stand-in).
+    #         The cross-attention's keeps its keys and values in the graph (x 0): without them the decoder would
+    #         not read the global transformer, and its backward would be skipped too.
     "cross-attentions (3: the encoder's pooling, 2 in the decoder)":
-        ("layers", "CrossAttention", "forward", lambda self, queries, keys_values, *args, **kwargs:
-         queries + 0.0 * keys_values.sum()),
-    "hash n-gram embeddings": ("encoder", "LocalEncoder", "embed", lambda self, tokens: self.tok_embeddings(tokens)),
+        (CrossAttention, "forward",
+         lambda self, queries, keys_values, *args, **kwargs: queries + 0.0 * keys_values.sum()),
+    "hash n-gram embeddings": (LocalEncoder, "embed", lambda self, tokens: self.tok_embeddings(tokens)),
 }
 
 
@@ -354,12 +356,10 @@ def skip_costs(preset_name: str, dtype: str, steps: int) -> dict:
     breakdown times only the forward): one BLT steps in turns as it is and with one part stood in for (SKIPS),
     and a part's share of the step is 1 - the median of the paired step-time ratios. The model with a part
     stood in is not trained for anything; it only measures the part's time."""
-    import importlib
     trainer = Trainer(preset_name, "blt", dtype, compiled=False)
     ratios, full = {part: [] for part in SKIPS}, []
     for i in range(steps + 2):
-        for part, (module, cls, method, stand_in) in SKIPS.items():
-            owner = getattr(importlib.import_module(module), cls)
+        for part, (owner, method, stand_in) in SKIPS.items():
             seconds = trainer.step(i)
             original = getattr(owner, method)
             setattr(owner, method, stand_in)
