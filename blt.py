@@ -184,7 +184,9 @@ class BLT(nn.Module):
         if patch_lengths is None:
             patch_lengths = self.patch(tokens)
         h, patches = self.encoder(tokens, patch_lengths)  # (B, T, D_E), (B, P, k*D_E)
-        global_out = self.global_transformer(patches)  # (B, P, D_G)
+        # real patches: up to each row's last non-empty one (rows are right-padded to the longest)
+        real = (patch_lengths > 0).flip(1).cummax(dim=1).values.flip(1)  # (B, P)
+        global_out = self.global_transformer(patches, real=real)  # (B, P, D_G), 0 at the padding
         positions = torch.arange(T, device=tokens.device)
         logits = self.decoder(h, global_out, decoder_patch_ids(patch_lengths, T), positions)  # (B, T, V)
         if targets is None:

@@ -15,7 +15,7 @@ Shapes: B = batch, P = patches, D_G = global width.
 import torch
 import torch.nn as nn
 
-from layers import TransformerBlock, causal_mask, compute_dtype, rope_cos_sin, swiglu_hidden_dim
+from layers import Packing, TransformerBlock, causal_mask, compute_dtype, rope_cos_sin, swiglu_hidden_dim
 
 
 class GlobalTransformer(nn.Module):
@@ -28,13 +28,22 @@ class GlobalTransformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(D, cfg.global_heads, hidden, cfg.norm_eps, cfg.dropout)
                                     for _ in range(cfg.global_layers))
 
-    def forward(self, patches: torch.Tensor, caches=None, start: int = 0) -> torch.Tensor:
+    def forward(self, patches: torch.Tensor, caches=None, start: int = 0,
+                real: torch.Tensor | None = None) -> torch.Tensor:
         """patches: (B, P, k * D_E) -> global outputs o: (B, P, D_G).
 
         With caches (one KVCache per layer), patches are the P new patches after `start` cached ones.
         Right-padded (empty) patches come after every real patch, so the causal mask keeps them invisible.
+        real: (B, P) bool, the real patches (a prefix of each row), if known: then only they run through the
+        layers (layers.Packing) and the padding's outputs are 0. Rows of a batch differ in patch count, and
+        padding is FLOPs the account does not count. Not with caches, nor under torch.compile (data-dependent
+        shapes), where every padded patch runs.
         """
         P = patches.shape[1]
+        packed = None
+        if real is not None and caches is None and not torch.compiler.is_compiling() and not bool(real.all()):
+            packed = Packing(real)
+            patches = packed.pack(patches)  # (1, N, k * D_E)
         h = self.input_projection(patches) if self.input_projection is not None else patches
         positions = torch.arange(start, start + P, device=patches.device)  # (P,) patch indices
         cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, compute_dtype(h))  # (P, Dh)
@@ -42,5 +51,6 @@ class GlobalTransformer(nn.Module):
         mask = None if caches else causal_mask(positions, positions)  # (1, 1, P, P) causal over patches
         # --- end solution ---
         for i, layer in enumerate(self.layers):
-            h = layer(h, mask, cos, sin, caches[i] if caches else None, positions)
+            h = layer(h, mask, cos, sin, caches[i] if caches else None, positions, packed)
+        h = packed.unpack(h) if packed is not None else h  # (B, P, D_G)
         return h  # released code: no final norm after the last layer (paper §3.1 does not specify one)

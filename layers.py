@@ -263,6 +263,30 @@ class KVCache:
         return k, v, positions
 
 
+class Packing:
+    """The real positions of a right-padded batch, packed into one row: the global transformer's patches, where
+    rows of a batch hold different numbers of patches and a quarter of the padded (B, P) layout can be padding.
+
+    Norms, projections, feed-forward layers and residuals act on each position alone, so they run on the N real
+    positions (1, N, D) only; attention needs the rows, so Attention unpacks its q, k, v to (B, P, ...) and packs
+    its output again. Padding must come after every real position of its row: under a causal mask no real
+    position then reads one, and the real outputs are those of the padded batch.
+    real: (B, P) bool, True at the real positions (a prefix of each row)."""
+
+    def __init__(self, real: torch.Tensor):
+        self.shape = real.shape
+        self.rows = real.flatten().nonzero().squeeze(1)  # (N,): index of each real position in the flat (B*P)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, P, ...) -> (1, N, ...)."""
+        return x.flatten(0, 1).index_select(0, self.rows)[None]
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(1, N, ...) -> (B, P, ...), zeros at the padding."""
+        out = x.new_zeros(self.shape.numel(), *x.shape[2:]).index_copy(0, self.rows, x[0])
+        return out.view(*self.shape, *x.shape[2:])
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with RoPE on queries and keys.
 
@@ -282,13 +306,19 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x, mask, cos, sin, cache: KVCache | None = None, positions=None, norm_weight=None):
+    def forward(self, x, mask, cos, sin, cache: KVCache | None = None, positions=None, norm_weight=None,
+                packed: "Packing | None" = None):
         """x: (B, T, D); mask: (B or 1, 1, T, T) bool. With a cache, x holds the next T positions
         (`positions`, shape (T,)) and the causal sliding-window mask over cached keys is built here.
-        norm_weight: (D,), the weight of the RMSNorm that x comes out of (without it), if any."""
-        B, T, D = x.shape
+        norm_weight: (D,), the weight of the RMSNorm that x comes out of (without it), if any.
+        packed: x is (1, N, D), the N real positions of a right-padded (B, T) batch (see Packing); the
+        projections run on those only, and attention on the padded layout."""
         weight = fused_weight((self.wq, self.wk, self.wv), norm_weight)  # (3D, D): one product, not three
-        qkv = F.linear(x, weight).view(B, T, 3, self.n_heads, self.head_dim)
+        qkv = F.linear(x, weight)  # (B, T, 3D), or (1, N, 3D) packed
+        if packed is not None:
+            qkv = packed.unpack(qkv)  # (B, T, 3D), zeros at the padding
+        B, T, D = qkv.shape[0], qkv.shape[1], x.shape[-1]
+        qkv = qkv.view(B, T, 3, self.n_heads, self.head_dim)
         q, k = apply_rope(qkv[:, :, :2], cos, sin).transpose(1, 3).unbind(2)  # (B, H, T, Dh) each
         v = qkv[:, :, 2].transpose(1, 2)  # (B, H, T, Dh)
         out = None
@@ -302,7 +332,8 @@ class Attention(nn.Module):
             out = attend_sliding_window(q, k, v, mask, self.window)  # None if the mask reaches further
         if out is None:
             out = attend(q, k, v, mask)  # (B, H, T, Dh)
-        return self.wo(out.transpose(1, 2).reshape(B, T, D))
+        out = out.transpose(1, 2).reshape(B, T, D)
+        return self.wo(packed.pack(out) if packed is not None else out)  # (B, T, D) or (1, N, D)
 
 
 class FeedForward(nn.Module):
@@ -341,11 +372,11 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(dim, hidden_dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, mask, cos, sin, cache: KVCache | None = None, positions=None):
+    def forward(self, x, mask, cos, sin, cache: KVCache | None = None, positions=None, packed=None):
         # Each norm's weight is folded into the matrix that reads its output, W (w * x) = (W diag(w)) x: the
         # same function as attention(attention_norm(x)), with one pass over the activations fewer.
         h = self.attention(self.attention_norm.normalise(x), mask, cos, sin, cache, positions,
-                           norm_weight=self.attention_norm.weight)
+                           norm_weight=self.attention_norm.weight, packed=packed)
         x = x + self.dropout(h)
         return x + self.dropout(self.feed_forward(self.ffn_norm.normalise(x), norm_weight=self.ffn_norm.weight))
 

@@ -129,3 +129,27 @@ def test_a_missing_mask_is_named():
     cos, sin = rope_cos_sin(torch.arange(5), 8, 10000.0)
     with pytest.raises(ValueError, match="needs a mask"):
         block(torch.randn(1, 5, 16), None, cos, sin)
+
+
+def test_packed_global_transformer_computes_the_padded_one_on_real_patches():
+    """Rows with different patch counts are right-padded; packed (layers.Packing), only the real patches run
+    through the layers. Their outputs and every gradient equal the padded run's; the padding's outputs are 0."""
+    from blt import cpu_tiny
+    from global_transformer import GlobalTransformer
+    torch.manual_seed(0)
+    model = GlobalTransformer(cpu_tiny(local_dim=16, global_dim=48, global_layers=2, global_heads=2, multiple_of=16))
+    patches = torch.randn(3, 7, 32)
+    real = torch.arange(7) < torch.tensor([7, 2, 5])[:, None]  # (B, P): 7, 2 and 5 real patches
+    padded = model(patches)
+    grads = torch.autograd.grad((padded * real[..., None]).square().sum(), list(model.parameters()))
+    packed = model(patches, real=real)
+    assert torch.allclose(packed[real], padded[real], atol=1e-5)
+    assert torch.all(packed[~real] == 0)
+    for g_packed, g in zip(torch.autograd.grad(packed.square().sum(), list(model.parameters())), grads):
+        assert torch.allclose(g_packed, g, atol=1e-5)
+    packing = []
+    model.layers[0].attention.register_forward_pre_hook(lambda m, args, kwargs: packing.append(kwargs["packed"]),
+                                                        with_kwargs=True)
+    model(patches, real=real)
+    model(patches, real=torch.ones(3, 7, dtype=torch.bool))
+    assert packing[0] is not None and packing[0].rows.numel() == 14 and packing[1] is None  # none to drop: no packing
