@@ -248,6 +248,27 @@ def test_block_with_window_matches_dense_block_and_kv_cache(window):
     torch.testing.assert_close(torch.cat(steps, 1), full[0].detach(), atol=ATOL, rtol=0)
 
 
+def test_long_causal_attention_in_halves_matches_dense(monkeypatch):
+    """From layers.HALVES_FROM positions, causal self-attention runs as two halves (the first half of the
+    queries against the first half of the keys): outputs and gradients equal the one dense call. A mask that
+    lets the first half read the second (not causal) gets the dense call."""
+    torch.manual_seed(0)
+    T = layers.HALVES_FROM + 7  # odd: the halves differ in length
+    block = TransformerBlock(32, 4, 64)
+    pos = torch.arange(T)
+    cos, sin = rope_cos_sin(pos, 8, 10000.0)
+    x = torch.randn(2, T, 32)
+    calls = []
+    monkeypatch.setattr(layers, "attend_sliding_window",
+                        lambda *args: calls.append(args[-1]) or attend_sliding_window(*args))
+    for mask in (causal_mask(pos, pos), torch.rand(1, 1, T, T) > 0.3):
+        halves = outputs_and_grads(lambda x: block(x, mask, cos, sin), block, x)
+        with monkeypatch.context() as m:
+            m.setattr(layers, "HALVES_FROM", 10 ** 9)
+            assert_same(halves, outputs_and_grads(lambda x: block(x, mask, cos, sin), block, x))
+    assert calls == [-(-T // 2)] * 2  # both masks were offered to the halves, the random one refused there
+
+
 # ---- the whole model ----
 
 def small_blt(**overrides) -> BLT:
