@@ -102,6 +102,13 @@ def _explicit_math(q: torch.Tensor) -> bool:
     return q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled()
 
 
+def not_any(flags: torch.Tensor) -> bool:
+    """True when the bool tensor is known to hold no True, so that a masking pass can be skipped. Checked on
+    CPU in eager mode only: on a GPU the check would wait for the device, and under torch.compile it would
+    break the graph, so there the answer is False and the masking runs (the same result either way)."""
+    return flags.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(flags.any())
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Masked softmax attention. q: (B, H, T, Dh), k, v: (B, H, S, Dh), mask: (B or 1, 1, T, S) bool.
 
@@ -109,14 +116,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     the NaN a fully masked softmax would give; a NaN would otherwise leak into real positions through 0 * NaN.
     """
     empty = ~mask.any(dim=-1, keepdim=True)  # (B, 1, T, 1)
-    mask = mask | empty
+    if not_any(empty):  # causal self-attention: every query sees itself; no pass over the output for nothing
+        empty = None
+    else:
+        mask = mask | empty
     if _explicit_math(q):
         bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
         scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2) + bias  # (B, H, T, S), -inf where forbidden
         out = scores.softmax(dim=-1) @ v
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out.masked_fill(empty, 0.0)
+    return out if empty is None else out.masked_fill(empty, 0.0)
 
 
 def attend_sliding_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -193,6 +203,8 @@ def attend_few_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: to
     rows = _rows(index, S)  # (B*T*n,)
     kq, vq = (x.reshape(B * S, H, Dh).index_select(0, rows).view(B, T, n, H, Dh) for x in (k, v))
     scores = (q[:, :, None] * kq).sum(-1) * Dh ** -0.5  # (B, T, n, H)
+    if not_any(~allowed):  # every query reads all n of its keys (the decoder, but for bytes with no patch)
+        return (scores.softmax(dim=2)[..., None] * vq).sum(2)  # (B, T, H, Dh)
     empty = ~allowed.any(dim=-1, keepdim=True)  # (B, T, 1): as in attend, a query with no key gets 0
     weights = scores.masked_fill(~(allowed | empty)[..., None], float("-inf")).softmax(dim=2)
     out = (weights[..., None] * vq).sum(2)  # (B, T, H, Dh)

@@ -269,6 +269,29 @@ def test_long_causal_attention_in_halves_matches_dense(monkeypatch):
     assert calls == [-(-T // 2)] * 2  # both masks were offered to the halves, the random one refused there
 
 
+def test_skipping_the_empty_row_pass_changes_nothing(monkeypatch):
+    """attend and attend_few_keys skip their zeroing pass when no query is empty (layers.not_any, CPU eager):
+    the same outputs as with the pass, and a query with nothing allowed still gets 0."""
+    torch.manual_seed(0)
+    q, kv = torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    pos = torch.arange(6)
+    holed = causal_mask(pos, pos).expand(2, 1, 6, 6).clone()
+    holed[1, 0, 3] = False  # query 3 of row 1 may read nothing
+    qb, kb = torch.randn(2, 5, 2, 8), torch.randn(2, 7, 2, 8)
+    index = torch.randint(0, 7, (2, 5, 3))
+    full, some = torch.ones(2, 5, 3, dtype=torch.bool), torch.rand(2, 5, 3) > 0.3
+    some[0, 2] = False  # byte 2 of row 0 reads no key
+    runs = []
+    for skipping in (True, False):
+        if not skipping:
+            monkeypatch.setattr(layers, "not_any", lambda flags: False)
+        runs.append([attend(q, kv, kv, causal_mask(pos, pos)), attend(q, kv, kv, holed),
+                     layers.attend_few_keys(qb, kb, kb, index, full), layers.attend_few_keys(qb, kb, kb, index, some)])
+    for skipped, masked in zip(*runs):
+        torch.testing.assert_close(skipped, masked, atol=0, rtol=0)
+    assert torch.all(runs[0][1][1, :, 3] == 0) and torch.all(runs[0][3][0, 2] == 0)
+
+
 # ---- the whole model ----
 
 def small_blt(**overrides) -> BLT:
