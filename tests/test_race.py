@@ -120,6 +120,32 @@ def test_bench_trains_the_bpe_model_on_real_text():
     assert trainer.flops_per_byte() > 0
 
 
+def test_bench_counts_flops_at_the_average_patch_size_of_its_batches():
+    """The global transformer's FLOPs per byte go as 1 / patch size: the benchmark takes the bytes per patch
+    over every batch it patched, not the first batch's."""
+    import bench_train
+    trainer = bench_train.Trainer("smoke", "blt", "fp32")
+    lengths = [trainer.task.patch(trainer.task.batch(trainer.corpus, i)[0]) for i in range(3)]
+    want = sum(float(x.sum()) for x in lengths) / sum(float((x > 0).sum()) for x in lengths)
+    assert trainer.patch_size == pytest.approx(want)
+    sizes = [float(x.sum()) / float((x > 0).sum()) for x in lengths]
+    assert min(sizes) <= trainer.patch_size <= max(sizes)
+
+
+def test_bench_reads_the_race_corpus_where_it_is_prepared(tmp_path, monkeypatch):
+    import bench_train
+    import data
+    monkeypatch.setattr(data, "DATA_DIR", tmp_path)
+    assert bench_train.bench_text_source() == "this repository's files"
+    own = bench_train.bench_text()
+    (tmp_path / "tinyshakespeare").mkdir()
+    text = np.frombuffer(b"First Citizen: speak, speak. " * 40000, dtype=np.uint8)  # over 1 MB
+    text.tofile(tmp_path / "tinyshakespeare" / "train.bin")
+    assert bench_train.bench_text_source().endswith("train.bin")
+    got = bench_train.bench_text()
+    assert len(got) == len(own) == 1 << 20 and np.array_equal(got, text[:1 << 20])
+
+
 def test_bench_skip_costs_keep_the_global_backward_and_undo_their_stand_ins(monkeypatch):
     """bench_train --race's cost of BLT's own parts: the stand-ins are undone afterwards, and the cross-attention's
     stand-in still reads the global transformer, so that its backward (not the part's) stays in the step."""

@@ -32,7 +32,9 @@ part by part, and what BLT's own parts (its cross-attentions, its hash n-gram em
 backward included: the step taken in turns with and without the part (skip_costs).
 
 The byte models read random bytes, except where the patching depends on the text (space patching): they and
-the BPE model read this repository's own text (bench_text), so nothing is downloaded.
+the BPE model read real text (bench_text): tiny Shakespeare's training split where a race or a run has prepared
+it, else this repository's own files. Nothing is downloaded. BLT's FLOPs per byte are taken at the average
+patch size of all the batches it patched.
 """
 import argparse
 import json
@@ -77,9 +79,22 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) 
     return best
 
 
+def bench_text_source() -> str:
+    """Which text bench_text reads: the race's corpus where this machine has it prepared (a run of
+    tools/race.py or train.py --data tinyshakespeare made it), else this repository's own files."""
+    from data import DATA_DIR
+    prepared = DATA_DIR / "tinyshakespeare" / "train.bin"
+    return str(prepared) if prepared.is_file() and prepared.stat().st_size >= 1 << 20 else "this repository's files"
+
+
 def bench_text() -> np.ndarray:
     """Real text where the speed depends on the text (a BPE model's bytes per token, space patching's patch
-    sizes): this repository's own Markdown and Python files, repeated to 1 MB. Nothing is downloaded."""
+    sizes), 1 MB: the first MB of tiny Shakespeare's training split where it is prepared, so that the
+    benchmark times the race's own text; else this repository's own Markdown and Python files, repeated (they
+    change from commit to commit, and with them the patch sizes). Nothing is downloaded."""
+    source = bench_text_source()
+    if source != "this repository's files":
+        return np.fromfile(source, dtype=np.uint8, count=1 << 20)
     text = b"\n".join(p.read_bytes() for p in sorted(ROOT.glob("*.md")) + sorted(ROOT.glob("*.py")))
     return np.frombuffer((text * (1 + (1 << 20) // len(text)))[:1 << 20], dtype=np.uint8)
 
@@ -135,17 +150,24 @@ class Trainer:
         self.optimizer = train.make_optimizer(model, tc, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")  # as train.train_loop
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.patch_sizes, self.patch_counts = [], set()
+        self.patch_counts, self.patched = set(), [0, 0]  # patch counts seen; bytes and patches over all batches
         self.split = {}  # seconds spent in forward, backward, and clipping + the optimizer, summed over steps
         patch = task.patch
 
-        def recorded_patch(x):  # the patch counts the model sees (padded when compiled), and the first patch size
+        def recorded_patch(x):  # the patch counts the model sees (padded when compiled), and the patch sizes
             lengths = patch(x)
             self.patch_counts.add(lengths.shape[1])
-            if not self.patch_sizes:
-                self.patch_sizes.append(float(lengths.sum()) / float((lengths > 0).sum()))
+            self.patched[0] += float(lengths.sum())
+            self.patched[1] += float((lengths > 0).sum())
             return lengths
         task.patch = recorded_patch
+
+    @property
+    def patch_size(self) -> float | None:
+        """Average bytes per patch over every batch patched so far (the global transformer's FLOPs per byte go
+        as 1 / patch size, so the average over the timed steps is what they computed; one batch can be off by
+        several percent)."""
+        return self.patched[0] / self.patched[1] if self.patched[1] else None
 
     def step(self, i: int) -> float:
         tc = self.tc
@@ -179,7 +201,7 @@ class Trainer:
         """Training FLOPs per byte (paper section 4.5); BLT's include the entropy model's patching forward."""
         config, seq_len = self.config, self.tc.seq_len
         if self.kind == "blt":
-            f = flops_per_byte(config, self.patch_sizes[0], seq_len)
+            f = flops_per_byte(config, self.patch_size, seq_len)
             return f["train_total"] + f["entropy_model_forward"]
         if self.kind == "bpe":
             from tokens import token_flops_per_byte
@@ -215,7 +237,7 @@ def measure(preset_name: str, model_kind: str, dtype: str, steps: int, compiled:
             "flops_per_s": flops * bytes_per_s, "mflop_per_byte": flops / 1e6,
             "step_s": step_time, "peak_memory": peak_memory, "threads": torch.get_num_threads(),
             "batch": f"{trainer.tc.batch_size}x{trainer.tc.seq_len}",
-            "patch_size": trainer.patch_sizes[0] if trainer.patch_sizes else None,
+            "patch_size": trainer.patch_size,
             "compiled": trainer.compiled, "first_step_s": first_step, "timed_steps": len(times),
             "graphs": compiled_graphs() - graphs_before, "graphs_first_step": graphs_first_step,
             "patch_counts": sorted(trainer.patch_counts)}
@@ -265,7 +287,8 @@ def race_turns(steps: int, dtype: str, compiled: bool | None = None) -> dict:
 
 
 def print_race(r: dict, dtype: str, steps: int):
-    print(f"\nthe race's models on cpu, {dtype}, taking turns step by step ({steps} timed steps each):")
+    print(f"\nthe race's models on cpu, {dtype}, taking turns step by step ({steps} timed steps each; text where "
+          f"it matters: {bench_text_source()}):")
     print(f"{'model':10s} {'bytes/step':>10s} {'s/step':>7s} {'bytes/s':>9s} {'MFLOP/byte':>10s} {'GFLOP/s':>8s} "
           f"{'forward':>8s} {'backward':>8s} {'clip+AdamW':>10s}")
     for name, x in r.items():
@@ -317,7 +340,7 @@ def breakdown(preset_name: str, dtype: str, steps: int) -> dict:
         seconds = trainer.step(i)
         if i >= 2:
             step_s.append(seconds)
-    f = flops_per_byte(trainer.config, trainer.patch_sizes[0], trainer.tc.seq_len)
+    f = flops_per_byte(trainer.config, trainer.patch_size, trainer.tc.seq_len)
     fwd = f["forward"]
     flops = {"patching (entropy model, fp32)": f["entropy_model_forward"], "byte + hash n-gram embeddings": 0.0,
              "encoder layers": fwd["encoder"], "encoder cross-attention (pooling)": fwd["encoder_cross_attention"],
