@@ -77,4 +77,5 @@ def evaluate_token_model(model, config, val, tokens, batch_size: int, dtype: str
     bytes_per_token = split.n_bytes / max(1, split.n_tokens)  # the token model's "patch size"
     f = token_flops_per_byte(config, bytes_per_token, tokens.seq_len)
     return {"val_bpb": out["bpb"], "val_bytes": split.n_bytes, "bytes_per_token": bytes_per_token,
+            "train_bytes_per_token": tokens.train_bytes_per_token,  # the tokenizer packs its own text tighter
             "train_flops_per_byte": f["train_total"], "forward_flops_per_byte": f["forward_total"]}

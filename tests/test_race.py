@@ -103,6 +103,21 @@ def test_race_runs_each_plain_command_reuses_finished_runs_and_publishes_only_wh
     assert str(e.value).startswith(f"error: cannot write {out / 'race.md'}")
 
 
+def test_race_counts_a_bpe_models_flops_on_the_bytes_it_trained_on(tmp_path):
+    """A BPE model's FLOPs go per token; its final record gives FLOPs per held-out byte (2.90 bytes per token),
+    but it trained on bytes its tokenizer packs tighter (3.26): achieved FLOP/s counts those. Logs without the
+    training figure take it from the run's checkpoint."""
+    final = {"steps": 10, "bytes": 1e6, "stage_seconds": 100.0, "train_flops_per_byte": 9e6, "val_bpb": 2.4,
+             "val_bytes": 1000, "bytes_per_token": 2.90, "train_bytes_per_token": 3.26}
+    records = [{"type": "train", "time": 100.0}]
+    assert race.row("bpe", final, records, None)["gflop_per_s"] == pytest.approx(9e6 * 1e6 * 2.90 / 3.26 / 100 / 1e9)
+    byte_final = {k: v for k, v in final.items() if "per_token" not in k}
+    assert race.row("byte", byte_final, records, None)["gflop_per_s"] == pytest.approx(90.0)  # no tokens: as is
+    older = {k: v for k, v in final.items() if k != "train_bytes_per_token"}
+    torch.save({"tokens": {"seq_len": 39, "train_bytes_per_token": 3.0}}, tmp_path / "bpe.pt")
+    assert race.row("bpe", older, records, None, tmp_path)["gflop_per_s"] == pytest.approx(90.0 * 2.90 / 3.0)
+
+
 def test_race_refuses_unknown_runs_and_bad_budgets(capsys):
     for argv in (["--only", "blt,gpt"], ["--time-budget", "0"]):
         with pytest.raises(SystemExit) as e:
@@ -139,11 +154,11 @@ def test_bench_reads_the_race_corpus_where_it_is_prepared(tmp_path, monkeypatch)
     assert bench_train.bench_text_source() == "this repository's files"
     own = bench_train.bench_text()
     (tmp_path / "tinyshakespeare").mkdir()
-    text = np.frombuffer(b"First Citizen: speak, speak. " * 40000, dtype=np.uint8)  # over 1 MB
-    text.tofile(tmp_path / "tinyshakespeare" / "train.bin")
+    text = b"First Citizen: speak, speak. " * 30000  # 870 KB, as the real split (1.0 MB) under 1 MiB
+    (tmp_path / "tinyshakespeare" / "train.bin").write_bytes(text)
     assert bench_train.bench_text_source().endswith("train.bin")
     got = bench_train.bench_text()
-    assert len(got) == len(own) == 1 << 20 and np.array_equal(got, text[:1 << 20])
+    assert len(got) == len(own) == 1 << 20 and got.tobytes() == (text * 2)[:1 << 20]
 
 
 def test_bench_skip_costs_keep_the_global_backward_and_undo_their_stand_ins(monkeypatch):
