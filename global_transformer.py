@@ -36,13 +36,12 @@ class GlobalTransformer(nn.Module):
         Right-padded (empty) patches come after every real patch, so the causal mask keeps them invisible.
         real: (B, P) bool, the real patches (a prefix of each row), if known: then only they run through the
         layers (layers.Packing) and the padding's outputs are 0. Rows of a batch differ in patch count, and
-        padding is FLOPs the account does not count. Not with caches, nor under torch.compile (data-dependent
-        shapes), where every padded patch runs.
+        padding is FLOPs the account does not count. On the CPU in eager mode only (finding the real patches
+        would wait for a GPU, and their count is a data-dependent shape for torch.compile), and not with caches.
         """
         P = patches.shape[1]
-        packed = None
-        if real is not None and caches is None and not torch.compiler.is_compiling() and not bool(real.all()):
-            packed = Packing(real)
+        packed = Packing.of(real) if real is not None and caches is None else None
+        if packed is not None:
             patches = packed.pack(patches)  # (1, N, k * D_E)
         h = self.input_projection(patches) if self.input_projection is not None else patches
         positions = torch.arange(start, start + P, device=patches.device)  # (P,) patch indices

@@ -102,11 +102,19 @@ def _explicit_math(q: torch.Tensor) -> bool:
     return q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled()
 
 
+def host_checks_are_free(t: torch.Tensor) -> bool:
+    """True where looking at a tensor's values from Python costs nothing: on the CPU, in eager mode. The
+    shortcuts that look first (is any query empty? is there padding? is the mask causal?) run only there; on a
+    GPU the look would wait for the device, and under torch.compile it would break the graph, so there the
+    general path runs (the same result either way). tests/device_audit.py's virtual accelerator, which runs on
+    the CPU, turns this off."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def not_any(flags: torch.Tensor) -> bool:
-    """True when the bool tensor is known to hold no True, so that a masking pass can be skipped. Checked on
-    CPU in eager mode only: on a GPU the check would wait for the device, and under torch.compile it would
-    break the graph, so there the answer is False and the masking runs (the same result either way)."""
-    return flags.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(flags.any())
+    """True when the bool tensor is known to hold no True, so that a masking pass can be skipped (checked only
+    where host_checks_are_free; elsewhere False, and the masking runs)."""
+    return host_checks_are_free(flags) and not bool(flags.any())
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -289,6 +297,12 @@ class Packing:
         self.shape = real.shape
         self.rows = real.flatten().nonzero().squeeze(1)  # (N,): index of each real position in the flat (B*P)
 
+    @staticmethod
+    def of(real: torch.Tensor) -> "Packing | None":
+        """The packing of the real positions, or None: where there is no padding, and where finding the real
+        positions would wait for the device (see host_checks_are_free), so that every padded position runs."""
+        return Packing(real) if host_checks_are_free(real) and not bool(real.all()) else None
+
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B, P, ...) -> (1, N, ...)."""
         return x.flatten(0, 1).index_select(0, self.rows)[None]
@@ -345,9 +359,9 @@ class Attention(nn.Module):
                              "with layers.causal_mask (mask=None goes only with caches)")
         elif self.window is not None and T > (1 if _explicit_math(q) else 4) * self.window:  # measured thresholds
             out = attend_sliding_window(q, k, v, mask, self.window)  # None if the mask reaches further
-        elif T >= HALVES_FROM and not _explicit_math(q) and not torch.compiler.is_compiling():
+        elif T >= HALVES_FROM and not _explicit_math(q) and host_checks_are_free(q):
             # Causal: the first half of the queries needs only the first half of the keys, so cut there (3/4 of
-            # the pairs scored; the same outputs). Checked against the mask in eager mode only, hence not compiled.
+            # the pairs scored; the same outputs). Checked against the mask, so only where that costs nothing.
             out = attend_sliding_window(q, k, v, mask, -(-T // 2))
         if out is None:
             out = attend(q, k, v, mask)  # (B, H, T, Dh)

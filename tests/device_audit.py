@@ -54,6 +54,19 @@ class DeviceAudit(TorchFunctionMode):
         self.mixing, self.generators = defaultdict(set), defaultdict(set)
         self.syncs = Counter()
 
+    def __enter__(self):
+        # The model's CPU-only shortcuts look at values (layers.host_checks_are_free): on this virtual
+        # accelerator they must take the general path, as on a real one.
+        import layers
+        self._host_checks = layers.host_checks_are_free
+        layers.host_checks_are_free = lambda t: False
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        import layers
+        layers.host_checks_are_free = self._host_checks
+        return super().__exit__(*exc)
+
     def mark(self, tensor: torch.Tensor):
         """Treat tensor as accelerator memory (e.g. a batch a caller moved with .to(device))."""
         self.on_device[tensor] = True
